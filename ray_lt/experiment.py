@@ -1,0 +1,144 @@
+"""An experiment file is plain Python that builds one ``Experiment`` value.
+
+The file is imported as a module (like a detectron2 lazy config), never ``exec``'d into our
+globals. It names a pipeline (trial config -> final stage spec), a Tune search space, metric(s)
+and mode(s), the search algorithm, the seeds every configuration runs with, the budget and a
+smaller ``smoke`` variant for CPUs and CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_lt.errors import ConfigError, ExperimentError
+from ray_lt.spec import Resources, StageSpec
+
+SEARCHES = ("optuna", "grid", "random")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """What to run and how to search it.
+
+    Args:
+        name: the MLflow experiment and the Tune run name.
+        pipeline: trial config (the sampled ``param_space`` plus ``seed``) -> final stage spec.
+        param_space: Tune search space; constants are allowed beside ``tune.*`` domains.
+        metric: what the search optimises (a reported key; validation metrics by default so
+            the test split is never used for selection); a tuple for a Pareto search.
+        mode: "max" / "min" per metric.
+        search: "optuna" (TPE, the default), "grid" (every combination) or "random".
+        seeds: every configuration runs once per seed; tables show mean +- std over them.
+        num_samples: configurations to try (optuna, random); grid repeats the grid this often.
+        max_concurrent_trials: trials running at once.
+        scheduler: "asha" to stop poor trials early on the final stage's epochs, or None.
+        grace_period: epochs before ASHA may stop a trial.
+        resources: per-worker resources of every stage unless a stage sets its own.
+        store: artifact store root (local path or pyarrow.fs URI); --store overrides it.
+        tracking_uri: MLflow tracking URI; --tracking-uri overrides it.
+        data_root: dataset root; --data-root and $RAY_LT_DATA override it.
+        smoke: a smaller variant for CPUs and CI, run with --smoke.
+    """
+
+    name: str
+    pipeline: Callable[[dict[str, Any]], StageSpec]
+    param_space: Mapping[str, Any] = field(default_factory=dict)
+    metric: str | tuple[str, ...] = "val_overall"
+    mode: str | tuple[str, ...] = "max"
+    search: str = "optuna"
+    seeds: tuple[int, ...] = (0,)
+    num_samples: int = 1
+    max_concurrent_trials: int = 2
+    scheduler: str | None = "asha"
+    grace_period: int = 1
+    resources: Resources = field(default_factory=Resources)
+    store: str = "ray_lt_store"
+    tracking_uri: str | None = None
+    data_root: str | None = None
+    smoke: Experiment | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCHES:
+            raise ConfigError(f"unknown search '{self.search}'; known: {', '.join(SEARCHES)}")
+        metrics = (self.metric,) if isinstance(self.metric, str) else tuple(self.metric)
+        modes = (self.mode,) if isinstance(self.mode, str) else tuple(self.mode)
+        if len(modes) == 1 and len(metrics) > 1:
+            modes = modes * len(metrics)
+        if len(modes) != len(metrics) or any(m not in ("max", "min") for m in modes):
+            raise ConfigError(
+                f"mode {self.mode!r} must be 'max' or 'min' for each metric of {self.metric!r}"
+            )
+        if not self.seeds:
+            raise ConfigError("seeds is empty; give at least one, e.g. seeds=(0,)")
+        if self.num_samples < 1 or self.max_concurrent_trials < 1:
+            raise ConfigError("num_samples and max_concurrent_trials must be >= 1")
+        if self.scheduler not in (None, "asha"):
+            raise ConfigError(f"unknown scheduler '{self.scheduler}'; known: asha, None")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.metric,) if isinstance(self.metric, str) else tuple(self.metric)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        modes = (self.mode,) if isinstance(self.mode, str) else tuple(self.mode)
+        return modes * len(self.metrics) if len(modes) == 1 else modes
+
+    def variant(self, smoke: bool) -> Experiment:
+        """The smoke variant (named ``<name>-smoke`` unless it names itself) or this one."""
+        if not smoke:
+            return self
+        if self.smoke is None:
+            raise ExperimentError(
+                f"experiment '{self.name}' has no smoke variant; add smoke=Experiment(...)"
+            )
+        sm = self.smoke
+        return dataclasses.replace(
+            sm, name=sm.name if sm.name != self.name else f"{sm.name}-smoke"
+        )
+
+
+def load_experiment(path: str | Path, smoke: bool = False) -> Experiment:
+    """Import an experiment file and return its ``experiment`` (or its smoke variant)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"experiment file {path} does not exist; pass a path to a .py file")
+    module_name = f"ray_lt_experiment_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ExperimentError(f"cannot import {path}; it must be a Python file")
+    module = importlib.util.module_from_spec(spec)
+    project_root = str(path.resolve().parent.parent)
+    if project_root not in sys.path:
+        sys.path.insert(0, project_root)  # experiments import search_spaces beside them
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ExperimentError(
+            f"syntax error in {path} line {err.lineno}: {err.msg}; fix the file"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - report any import-time failure in one line
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        raise ExperimentError(
+            f"importing {path} failed: {type(err).__name__}: {err} "
+            f"(at {Path(where.filename).name}:{where.lineno}); fix the file"
+        ) from None
+    found = [v for v in vars(module).values() if isinstance(v, Experiment)]
+    value = getattr(module, "experiment", None)
+    if not isinstance(value, Experiment):
+        if len(found) != 1:
+            raise ExperimentError(
+                f"{path} defines no `experiment = Experiment(...)` "
+                f"(found {len(found)} Experiment values); define exactly one named `experiment`"
+            )
+        value = found[0]
+    return value.variant(smoke)

@@ -1,0 +1,207 @@
+"""A trial: walk a stage DAG in dependency order, reusing or training each stage.
+
+For each stage: if the store holds its key, reuse it; otherwise take the key's lock (a second
+trial needing the same stage waits, then reuses), train it as one Ray Train ``TorchTrainer`` fit
+whose rank-0 worker publishes the artifact, and mirror it to MLflow. The dataset travels to the
+workers through the Ray object store (put once by the sweep driver), upstream weights through the
+store by key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_lt.artifacts import Artifact, ArtifactStore
+from ray_lt.errors import NonFiniteLossError, RayLtError
+from ray_lt.spec import StageSpec, walk
+
+FAULT_ENV = "RAY_LT_INJECT_FAULT"  # "<stage kind>:<epoch>": raise once in that stage (tests)
+
+
+@dataclass
+class TrialContext:
+    """What a trial needs to run its stages; all plain values, cheap to ship to an actor."""
+
+    store_uri: str
+    data_refs: dict[Any, Any] = field(default_factory=dict)  # DataSpec -> ObjectRef
+    data_root: str | None = None
+    tracker: Any = None  # ray_lt.tracking.Tracker, or None for no MLflow
+    trial_run_id: str | None = None
+    owner: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
+    report_to_tune: bool = False  # the final stage's epochs feed Tune's scheduler
+
+
+@dataclass
+class StageOutcome:
+    spec: StageSpec
+    artifact: Artifact
+    reused: bool
+
+
+def run_pipeline(final: StageSpec, ctx: TrialContext) -> list[StageOutcome]:
+    """Every stage of ``final``'s DAG, dependencies first; the last outcome is ``final``'s."""
+    store = ArtifactStore(ctx.store_uri)
+    outcomes = []
+    for spec in walk(final):
+        outcome = ensure_stage(spec, store, ctx, is_final=spec.key == final.key)
+        outcomes.append(outcome)
+        if ctx.tracker is not None and ctx.trial_run_id is not None:
+            art = outcome.artifact
+            ctx.tracker.log_stage(
+                ctx.trial_run_id,
+                art.spec(),
+                art.metrics(),
+                key=art.key,
+                reused=outcome.reused,
+                final=spec.key == final.key,
+                artifact_dir=None if outcome.reused else art.local_dir(),
+            )
+    return outcomes
+
+
+def ensure_stage(
+    spec: StageSpec, store: ArtifactStore, ctx: TrialContext, *, is_final: bool
+) -> StageOutcome:
+    """Reuse the stored artifact of ``spec`` or train it, never twice at once."""
+    key = spec.key
+    found = store.lookup(key)
+    if found is not None:
+        return StageOutcome(spec, found, reused=True)
+    lock = store.lock(key, ctx.owner)
+    if not lock.acquire(should_stop=lambda: store.contains(key)):
+        found = store.lookup(key)
+        if found is not None:
+            return StageOutcome(spec, found, reused=True)
+        lock.acquire()
+    try:
+        found = store.lookup(key)  # finished by another trial while we took the lock
+        if found is not None:
+            return StageOutcome(spec, found, reused=True)
+        train_stage(spec, store, ctx, report_to_tune=ctx.report_to_tune and is_final)
+        artifact = store.lookup(key)
+        if artifact is None:
+            raise RayLtError(f"stage {spec.name} ({key}) finished but left no valid artifact")
+        return StageOutcome(spec, artifact, reused=False)
+    finally:
+        lock.release()
+
+
+def _fault_for(spec: StageSpec) -> int | None:
+    value = os.environ.get(FAULT_ENV, "")
+    if ":" not in value:
+        return None
+    kind, epoch = value.rsplit(":", 1)
+    return int(epoch) if kind == spec.kind else None
+
+
+def data_ref(spec: StageSpec, ctx: TrialContext) -> Any:
+    """The dataset's object ref: the driver's if it put one, else load and put it here."""
+    import ray
+
+    from ray_lt.data import load_dataset
+
+    if spec.data not in ctx.data_refs:
+        ctx.data_refs[spec.data] = ray.put(load_dataset(spec.data, ctx.data_root))
+    return ctx.data_refs[spec.data]
+
+
+def train_stage(
+    spec: StageSpec, store: ArtifactStore, ctx: TrialContext, *, report_to_tune: bool
+) -> dict[str, Any]:
+    """One ``TorchTrainer.fit``; its storage name is the key, so a rerun resumes its checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    key = spec.key
+    res = spec.resources
+    callbacks = []
+    if report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    fault = _fault_for(spec)
+    config = {
+        "spec": spec.to_dict(),
+        "key": key,
+        "store": store.uri,
+        "data_ref": data_ref(spec, ctx),
+        "inputs": {name: up.key for name, up in spec.inputs},
+        "fail_at_epoch": fault,
+        "fault_marker": os.path.join(tempfile.gettempdir(), "ray_lt_faults", f"{key}-{fault}")
+        if fault is not None
+        else None,
+    }
+    worker_resources = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        worker_resources["GPU"] = res.gpus_per_worker
+    trainer = TorchTrainer(
+        stage_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker=worker_resources,
+        ),
+        run_config=ray.train.RunConfig(
+            storage_path=store.train_dir(),
+            name=key,
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    summary = result.return_value or {}
+    if summary.get("status") == "nonfinite":
+        last = summary.get("history", [{}])[-1]
+        raise NonFiniteLossError(
+            f"stage {spec.name} ({key}): non-finite loss at epoch {last.get('epoch')} "
+            f"({last.get('loss')}); lower the learning rate (lr={spec.train.lr}) or check the data"
+        )
+    return summary
+
+
+def stage_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train worker entry: load data and inputs, run the engine, publish from rank 0."""
+    import ray
+
+    from ray_lt.engine import RayTrainSession, StageRun, run_stage
+    from ray_lt.objective import UpstreamArtifact, get_objective
+
+    spec = StageSpec.from_dict(config["spec"])
+    store = ArtifactStore(config["store"])
+    inputs = {}
+    for name, key in config["inputs"].items():
+        art = store.open(key)
+        inputs[name] = UpstreamArtifact(
+            key=key, spec=art.spec(), state_dict=art.state_dict(), metrics=art.metrics()
+        )
+    session = RayTrainSession()
+    out_dir = None
+    if session.world_rank == 0:
+        out_dir = os.path.join(tempfile.gettempdir(), f"ray_lt_out_{uuid.uuid4().hex}")
+    run = StageRun(
+        spec=spec,
+        objective=get_objective(spec.kind),
+        data=ray.get(config["data_ref"]),
+        inputs=inputs,
+        out_dir=out_dir,
+        fail_at_epoch=config.get("fail_at_epoch"),
+        fault_marker=config.get("fault_marker"),
+    )
+    try:
+        summary = run_stage(run, session)
+        if out_dir and summary["status"] == "ok":
+            store.put(config["key"], out_dir)
+    finally:
+        if out_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    summary["history"] = summary["history"][-1:]
+    return summary

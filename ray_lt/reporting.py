@@ -1,0 +1,399 @@
+"""Turn a sweep's MLflow trial runs into the ablation tables and plot a paper would print.
+
+Groups the ``ray_lt.role=trial`` runs by ``ray_lt.config_id`` and writes mean ± std over seeds as
+Markdown, LaTeX (booktabs) and CSV, plus per-class accuracy from each run's ``per_class.parquet``,
+so no number is copied by hand and a missing one shows as a dash, never 0. It only reads the
+store (never creates runs, experiments or a sqlite file). ``ray_lt/report.py`` is its CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ray_lt.errors import ConfigError, CorruptArtifactError, RayLtError
+
+DEFAULT_METRICS = ("many", "medium", "few", "overall")
+PER_CLASS_ARTIFACT = "per_class.parquet"
+PER_CLASS_COLUMNS = ("class", "train_count", "group", "accuracy")
+_FIX = "run `python -m ray_lt.sweep FILE` first (or pass --tracking-uri)"
+_DASH_MD, _DASH_TEX = "–", "--"
+_CSV_STATS = (("", "_mean"), ("", "_std"), ("best_", ""))
+
+
+@dataclass
+class ReportRow:
+    """One configuration: its runs over seeds and the statistics of each metric."""
+
+    config_id: str
+    label: str
+    params: dict[str, str]
+    seeds: list[str]
+    values: dict[str, list[float]]
+    mean: dict[str, float]
+    std: dict[str, float]
+    run_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """Everything ``build_report`` found and wrote; ``best`` maps a metric to a config_id."""
+
+    experiment: str
+    rows: list[ReportRow]
+    best: dict[str, str]
+    skipped_runs: int
+    files: dict[str, Path]
+    markdown: str
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    mode: str = "max"
+    title: str = ""
+    skipped_by_status: dict[str, int] = field(default_factory=dict)
+    duplicate_runs: int = 0
+    missing_per_class: int = 0
+
+
+def build_report(
+    tracking_uri: str,
+    experiment_name: str,
+    out_dir: str | Path,
+    *,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    mode: str = "max",
+    smoke: bool | None = None,
+    title: str | None = None,
+) -> Report:
+    """Read the finished trial runs of an experiment and write table.{md,tex,csv} + per_class.png.
+
+    Args:
+        tracking_uri: MLflow tracking URI of the sweep, e.g. ``sqlite:////abs/path/mlflow.db``.
+        experiment_name: MLflow experiment name (the experiment's ``name``).
+        out_dir: folder for the outputs; created if missing, existing files are overwritten.
+        metrics: metric names, one table column each, logged as fractions in [0, 1].
+        mode: ``"max"`` or ``"min"``: which mean is best (bold) in each column.
+        smoke: only smoke runs (True), only full runs (False), or both (None).
+        title: title line of the Markdown table; defaults to the experiment name.
+    """
+    metrics = list(metrics)
+    if mode not in ("max", "min"):
+        raise ConfigError(f"report mode must be 'max' or 'min', got {mode!r}; pass one of them")
+    if not metrics:
+        raise ConfigError("no metrics to tabulate; pass e.g. metrics=('few', 'overall')")
+    client = _client(tracking_uri)
+    runs = _trial_runs(client, tracking_uri, experiment_name, smoke)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    skipped = Counter(r.info.status for r in runs if r.info.status != "FINISHED")
+    if not finished:
+        which = "" if smoke is None else f" (ray_lt.smoke={str(smoke).lower()})"
+        what = f"experiment '{experiment_name}'{which} in {tracking_uri}"
+        raise RayLtError(f"no finished trial runs of {what}; {_FIX}")
+    logged = sorted({k for r in finished for k in r.data.metrics})
+    # a standard group may be absent everywhere (no few-shot classes): a column of dashes
+    if unknown := [m for m in metrics if m not in logged and m not in DEFAULT_METRICS]:
+        raise ConfigError(
+            f"metric {unknown[0]!r} was not logged by any finished trial run of "
+            f"'{experiment_name}'; logged: {', '.join(logged) or 'none'}"
+        )
+    rows, duplicates = _rows(finished, metrics)
+    best, n_skipped = _best(rows, metrics, mode), sum(skipped.values())
+    report = Report(experiment_name, rows, best, n_skipped, {}, "", metrics, mode)
+    report.title, report.duplicate_runs = title or experiment_name, duplicates
+    report.skipped_by_status = dict(sorted(skipped.items()))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curves, report.missing_per_class = _load_per_class(client, rows)
+    if curves:
+        report.files["png"] = plot_per_class(report, curves, out / "per_class.png")
+    report.markdown = format_markdown(report)
+    for kind, text in (("md", report.markdown), ("tex", format_latex(report))):
+        report.files[kind] = out / f"table.{kind}"
+        report.files[kind].write_text(text, encoding="utf-8")
+    report.files["csv"] = write_csv(report, out / "table.csv")
+    return report
+
+
+def _client(tracking_uri: str):
+    """An MlflowClient bound to ``tracking_uri``; refuses a sqlite file that does not exist."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise RayLtError(f"MLflow tracking database {db} does not exist; {_FIX}")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _trial_runs(client, tracking_uri: str, name: str, smoke: bool | None) -> list:
+    """All active trial runs of experiment ``name`` (any status), filtered by the smoke tag."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage != "active":
+            known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+            where = f"{tracking_uri} (known: {known})"
+            raise RayLtError(f"experiment '{name}' not found in {where}; {_FIX}")
+        runs, token, query = [], None, "tags.`ray_lt.role` = 'trial'"
+        while token != "":
+            page = client.search_runs([exp.experiment_id], query, page_token=token)
+            runs.extend(page)
+            token = page.token or ""
+    except MlflowException as exc:
+        fix = "pass a valid --tracking-uri such as sqlite:////abs/path/mlflow.db"
+        raise RayLtError(
+            f"cannot read MLflow store {tracking_uri}: {_first_line(exc)}; {fix}"
+        ) from exc
+    if smoke is not None:
+        want = "true" if smoke else "false"
+        runs = [r for r in runs if r.data.tags.get("ray_lt.smoke", "false").lower() == want]
+    return runs
+
+
+def _natural_key(text: str) -> list:
+    """Sort key in which '5' < '10' and '1e-3' < '0.01' (numbers compare as numbers)."""
+    parts = re.split(r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)", text)
+    return [float(p) if i % 2 else p for i, p in enumerate(parts)]
+
+
+def _nan_stats(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1) of the non-NaN values; std 0.0 for one, NaN for none."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size >= 2 else 0.0)
+
+
+def _rows(finished: list, metrics: list[str]) -> tuple[list[ReportRow], int]:
+    """Group runs by config_id (newest run wins per seed) and compute per-metric statistics."""
+    by_config: dict[str, dict[str, object]] = {}
+    duplicates = 0
+    for run in sorted(finished, key=lambda r: r.info.start_time or 0):
+        cid = run.data.tags.get("ray_lt.config_id", run.info.run_id)
+        seed = run.data.params.get("seed", run.data.tags.get("ray_lt.trial_id", run.info.run_id))
+        seeds = by_config.setdefault(cid, {})
+        duplicates += seed in seeds
+        seeds[seed] = run
+    groups: dict[str, dict[str, str]] = {}
+    tag_labels: dict[str, str] = {}
+    for cid, seeds in by_config.items():  # params equal over the config's runs, minus seed
+        first, *rest = seeds.values()
+        p = {k: v for k, v in first.data.params.items() if k != "seed"}
+        groups[cid] = {k: v for k, v in p.items() if all(r.data.params.get(k) == v for r in rest)}
+        tag_labels[cid] = first.data.tags.get("ray_lt.label", "")
+    labels = _labels(groups, tag_labels)
+    rows = []
+    for cid, seeds in by_config.items():
+        order = sorted(seeds, key=_natural_key)
+        runs = [seeds[s] for s in order]
+        values = {m: [float(r.data.metrics.get(m, math.nan)) for r in runs] for m in metrics}
+        stats = {m: _nan_stats(v) for m, v in values.items()}
+        mean, std = ({m: st[i] for m, st in stats.items()} for i in (0, 1))
+        run_ids = [r.info.run_id for r in runs]
+        rows.append(ReportRow(cid, labels[cid], groups[cid], order, values, mean, std, run_ids))
+    rows.sort(key=lambda r: (_natural_key(r.label), r.config_id))
+    return rows, duplicates
+
+
+def _labels(groups: dict[str, dict[str, str]], tag_labels: dict[str, str]) -> dict[str, str]:
+    """'name=value ...' from the params that differ across configs, else the label tag."""
+    keys = sorted({k for p in groups.values() for k in p})
+    varying = [k for k in keys if len({p.get(k) for p in groups.values()}) > 1]
+    short = {k: k.rsplit("/", 1)[-1] for k in varying}
+    if len(set(short.values())) < len(varying):
+        short = {k: k for k in varying}
+    labels = {}
+    for cid, p in groups.items():
+        text = " ".join(f"{short[k]}={p[k]}" for k in varying if k in p)
+        labels[cid] = text or tag_labels[cid] or cid[:12]
+    counts = Counter(labels.values())
+    return {cid: f"{t} [{cid[:8]}]" if counts[t] > 1 else t for cid, t in labels.items()}
+
+
+def _best(rows: list[ReportRow], metrics: list[str], mode: str) -> dict[str, str]:
+    """Metric -> config_id of the best non-NaN mean (first row in table order on a tie)."""
+    pick, best = (max if mode == "max" else min), {}
+    for m in metrics:
+        if cands := [r for r in rows if not math.isnan(r.mean[m])]:
+            best[m] = pick(cands, key=lambda r, m=m: r.mean[m]).config_id
+    return best
+
+
+def format_cell(mean: float, std: float, dash: str = _DASH_MD, pm: str = " ± ") -> str:
+    """'38.3 ± 0.4' from fractions (percent, 1 decimal); ``dash`` when the mean is NaN."""
+    if math.isnan(mean):
+        return dash
+    return f"{100 * mean:.1f}{pm}{100 * (0.0 if math.isnan(std) else std):.1f}"
+
+
+def _notes(report: Report) -> list[str]:
+    """The seeds-per-row line and the footnotes (skipped, duplicate, artifact-less runs)."""
+    counts = sorted({len(r.seeds) for r in report.rows})
+    per_row = "seeds per row: " + ", ".join(f"{r.label}: {len(r.seeds)}" for r in report.rows)
+    notes = [f"{_n(counts[0], 'seed')} per row." if len(counts) == 1 else per_row + "."]
+    detail = ", ".join(f"{s}: {n}" for s, n in report.skipped_by_status.items()) or "none"
+    notes.append(f"Skipped {_n(report.skipped_runs, 'unfinished trial run')} ({detail}).")
+    if report.duplicate_runs:
+        notes.append(f"Ignored {_n(report.duplicate_runs, 'older duplicate run')} of a seed.")
+    if report.missing_per_class:
+        notes.append(f"{_n(report.missing_per_class, 'run')} without {PER_CLASS_ARTIFACT}.")
+    return notes
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _cells(report: Report, row: ReportRow, dash: str, pm: str, bold: str) -> list[str]:
+    """The formatted metric cells of one row; ``bold`` wraps the best cell ('{}' = the cell)."""
+    cells = [format_cell(row.mean[m], row.std[m], dash, pm) for m in report.metrics]
+    best = [report.best.get(m) == row.config_id for m in report.metrics]
+    return [bold.format(c) if b else c for c, b in zip(cells, best, strict=True)]
+
+
+def format_markdown(report: Report) -> str:
+    """The Markdown table: title, caption, one row per configuration, seeds line, footnotes."""
+    better = "higher" if report.mode == "max" else "lower"
+    caption = f"Accuracy (%), mean ± std over seeds; bold = best mean ({better} is better)."
+    head = "| configuration | " + " | ".join(report.metrics) + " |\n|---|"
+    lines = [f"# {report.title}", "", caption, "", head + "---:|" * len(report.metrics)]
+    for row in report.rows:
+        cells = _cells(report, row, _DASH_MD, " ± ", "**{}**")
+        lines.append(f"| {row.label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+    lines += ["", *_notes(report)]
+    return "\n".join(lines) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX.update({ch: "\\" + ch for ch in "&%$#_{}"})
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX special characters (``_ % & $ # { } ~ ^ \\``) in plain text."""
+    return "".join(_TEX.get(ch, ch) for ch in text)
+
+
+def format_latex(report: Report) -> str:
+    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), the same cells as Markdown."""
+    notes = " ".join(latex_escape(n) for n in _notes(report))
+    head = "Configuration & " + " & ".join(latex_escape(m) for m in report.metrics) + " \\\\"
+    title = f"% {latex_escape(report.title)}: accuracy (%), mean $\\pm$ std over seeds"
+    tabular = "\\begin{tabular}{l" + "c" * len(report.metrics) + "}"
+    lines = [title, f"% {notes}", tabular, "\\toprule", head, "\\midrule"]
+    for row in report.rows:
+        cells = _cells(report, row, _DASH_TEX, " $\\pm$ ", "\\textbf{{{}}}")
+        lines.append(latex_escape(row.label) + " & " + " & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(report: Report, path: str | Path) -> Path:
+    """Write the table as CSV: fractions (not percent) at full precision, NaN as an empty cell.
+
+    Columns: label, config_id, n_seeds, per metric ``<m>_mean``, ``<m>_std``, ``best_<m>``
+    (true/false), then ``param:<name>`` per parameter.
+
+    Args:
+        report: the report to write.
+        path: destination file.
+    """
+    path = Path(path)
+    param_keys = sorted({k for r in report.rows for k in r.params})
+    header = ["label", "config_id", "n_seeds"]
+    header += [f"{p}{m}{s}" for m in report.metrics for p, s in _CSV_STATS]
+    header += [f"param:{k}" for k in param_keys]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for r in report.rows:
+            line = [r.label, r.config_id, str(len(r.seeds))]
+            for m in report.metrics:
+                best = "true" if report.best.get(m) == r.config_id else "false"
+                line += [_num(r.mean[m]), _num(r.std[m]), best]
+            line += [r.params.get(k, "") for k in param_keys]
+            writer.writerow(line)
+    return path
+
+
+def _num(x: float) -> str:
+    return "" if math.isnan(x) else repr(float(x))
+
+
+def _load_per_class(client, rows: list[ReportRow]) -> tuple[dict[str, tuple], int]:
+    """config_id -> (train_count, accuracy averaged over seeds) per class, and #runs without one.
+
+    Artifacts are downloaded with MLflow's artifact API and read with pyarrow (no pickles).
+    """
+    import pyarrow.parquet as pq
+
+    curves, missing = {}, 0
+    with tempfile.TemporaryDirectory(prefix="ray_lt_report_") as tmp:
+        for row in rows:
+            acc: dict[int, list[float]] = {}
+            count: dict[int, int] = {}
+            for run_id in row.run_ids:
+                if PER_CLASS_ARTIFACT not in {f.path for f in client.list_artifacts(run_id)}:
+                    missing += 1
+                    continue
+                local = client.download_artifacts(run_id, PER_CLASS_ARTIFACT, f"{tmp}/{run_id}")
+                try:
+                    table = pq.read_table(local, columns=list(PER_CLASS_COLUMNS)).to_pydict()
+                except Exception as exc:
+                    raise CorruptArtifactError(
+                        f"{PER_CLASS_ARTIFACT} of run {run_id} is unreadable ({_first_line(exc)})"
+                        f"; it needs columns {', '.join(PER_CLASS_COLUMNS)}; re-run or delete it"
+                    ) from exc
+                cols = (table["class"], table["train_count"], table["accuracy"])
+                for c, n, a in zip(*cols, strict=True):
+                    acc.setdefault(int(c), []).append(math.nan if a is None else float(a))
+                    count[int(c)] = int(n)
+            if acc:
+                classes = sorted(acc)
+                counts = np.array([count[c] for c in classes], dtype=np.float64)
+                means = np.array([_nan_stats(acc[c])[0] for c in classes])
+                curves[row.config_id] = (counts, means)
+    return curves, missing
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def plot_per_class(report: Report, curves: dict[str, tuple], path: str | Path) -> Path:
+    """Per-class accuracy (%) against training images per class (log x), one series per row.
+
+    Args:
+        report: the report whose rows name the series.
+        curves: config_id -> (train_count, accuracy) arrays over classes, as fractions.
+        path: destination PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=120)
+    for row in (r for r in report.rows if r.config_id in curves):
+        counts, acc = curves[row.config_id]
+        order = np.argsort(counts, kind="stable")
+        ax.plot(counts[order], 100 * acc[order], marker="o", ms=3, lw=1, label=row.label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("per-class accuracy (%), mean over seeds")
+    ax.set_title(f"{report.title}: per-class accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,189 @@
+"""Stage specs: plain, frozen, JSON-serialisable descriptions of one training stage.
+
+A spec is built once at the edge (an experiment's pipeline function) and passed down typed. Its
+``key`` is the content address of the artifact it produces: kind, data, training settings,
+objective parameters, the keys of its inputs and the stage-code version. Everything that does not
+change the result (resources, where the data lives, fault injection) stays out of the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_lt.data.spec import DataSpec
+from ray_lt.errors import ConfigError
+
+ENGINE_VERSION = "1"
+
+
+def _check_keys(cls: type, values: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+
+
+def from_mapping(cls: type, values: Mapping[str, Any] | None) -> Any:
+    """Build a frozen dataclass from a mapping; unknown keys are an error, lists become tuples."""
+    values = dict(values or {})
+    _check_keys(cls, values)
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**fixed)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What the engine owns: epochs, batches, optimiser, schedule, sampling, augmentation.
+
+    Defaults are the CIFAR CE recipe of METHODS.md (LDAM-DRW's schedule).
+    """
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2e-4
+    schedule: str = "step"  # "step" (x gamma at each milestone), "cosine" (to 0), "constant"
+    milestones: tuple[int, ...] = (160, 180)
+    gamma: float = 0.01  # LDAM-DRW: x0.01 at 160, x0.0001 at 180
+    warmup_epochs: int = 0  # linear warm-up from lr/warmup_epochs, per step
+    sampler: str = "instance"
+    sampler_params: tuple[tuple[str, Any], ...] = ()
+    augment: str = "crop_flip"
+    eval_every: int = 1  # evaluate the test (and val) split every N epochs and at the end
+    seed: int = 0  # init, sampling and augmentation
+    amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    channels_last: bool = True  # on CUDA
+    export_features: bool = True  # features beside logits in the exported tables
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1"
+            )
+        if self.schedule not in ("step", "cosine", "constant"):
+            raise ConfigError(f"unknown schedule '{self.schedule}'; known: constant, cosine, step")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.sampler_params, Mapping):
+            object.__setattr__(self, "sampler_params", tuple(sorted(self.sampler_params.items())))
+
+    def replace(self, **changes: Any) -> TrainSpec:
+        """A copy with some fields changed (unknown names are an error)."""
+        _check_keys(TrainSpec, changes)
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs; never part of the key."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractions pack several trials on one GPU
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One node of a pipeline DAG."""
+
+    kind: str
+    data: DataSpec
+    train: TrainSpec
+    params: tuple[tuple[str, Any], ...] = ()
+    inputs: tuple[tuple[str, StageSpec], ...] = ()
+    name: str = ""  # display name in logs and MLflow; not in the key
+    resources: Resources = field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, Mapping):
+            object.__setattr__(self, "params", tuple(sorted(self.params.items())))
+        if isinstance(self.inputs, Mapping):
+            object.__setattr__(self, "inputs", tuple(sorted(self.inputs.items())))
+        if not self.name:
+            object.__setattr__(self, "name", self.kind)
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def input_dict(self) -> dict[str, StageSpec]:
+        return dict(self.inputs)
+
+    def config(self) -> dict[str, Any]:
+        """The part of the spec that decides the result (hashed into the key)."""
+        train = dataclasses.asdict(self.train)
+        train["milestones"] = list(self.train.milestones)
+        train["sampler_params"] = dict(self.train.sampler_params)
+        return {"data": self.data.to_dict(), "train": train, "params": self.param_dict}
+
+    @property
+    def key(self) -> str:
+        from ray_lt.artifacts import stage_key
+        from ray_lt.objective import get_objective
+
+        version = f"{get_objective(self.kind).version}+engine{ENGINE_VERSION}"
+        inputs = {name: spec.key for name, spec in self.inputs}
+        return stage_key(self.kind, self.config(), inputs, version)
+
+    def with_resources(self, resources: Resources) -> StageSpec:
+        return dataclasses.replace(self, resources=resources)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, inputs nested, resources included (for spec.json and the workers)."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            **self.config(),
+            "inputs": {name: spec.to_dict() for name, spec in self.inputs},
+            "resources": dataclasses.asdict(self.resources),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StageSpec:
+        train = dict(d["train"])
+        train["sampler_params"] = tuple(sorted(dict(train.get("sampler_params", {})).items()))
+        return cls(
+            kind=d["kind"],
+            name=d.get("name", ""),
+            data=DataSpec.from_dict(d["data"]),
+            train=from_mapping(TrainSpec, train),
+            params=tuple(sorted(dict(d.get("params", {})).items())),
+            inputs=tuple(sorted((n, cls.from_dict(s)) for n, s in d.get("inputs", {}).items())),
+            resources=from_mapping(Resources, d.get("resources")),
+        )
+
+
+def walk(spec: StageSpec) -> list[StageSpec]:
+    """Every stage of the DAG below and including ``spec``, dependencies first, each once."""
+    order: list[StageSpec] = []
+    seen: set[str] = set()
+
+    def visit(node: StageSpec) -> None:
+        for _, child in node.inputs:
+            visit(child)
+        k = node.key
+        if k not in seen:
+            seen.add(k)
+            order.append(node)
+
+    visit(spec)
+    return order
+
+
+def with_resources(
+    spec: StageSpec, resources: Resources, *, only_default: bool = True
+) -> StageSpec:
+    """The DAG with ``resources`` on every stage (or only where a stage kept the default)."""
+    inputs = tuple(
+        (n, with_resources(s, resources, only_default=only_default)) for n, s in spec.inputs
+    )
+    keep = only_default and spec.resources != Resources()
+    return dataclasses.replace(
+        spec, inputs=inputs, resources=spec.resources if keep else resources
+    )

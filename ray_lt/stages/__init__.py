@@ -1,0 +1,6 @@
+"""Stage objectives, one module per method, each registered by explicit name in ``OBJECTIVES``."""
+
+from ray_lt.objective import OBJECTIVES
+from ray_lt.stages import baseline  # noqa: F401  (registers ce, crt, lws)
+
+__all__ = ["OBJECTIVES"]

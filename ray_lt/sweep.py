@@ -1,0 +1,338 @@
+"""``python -m ray_lt.sweep FILE``: run an experiment's sweep with Ray Tune, tracked in MLflow.
+
+The driver validates everything it can before Ray starts (experiment file, search space, stage,
+dataset and model names, the data folder, the tracking store), puts each dataset in the object
+store once, then hands trials to Tune: Optuna TPE by default (repeated once per seed), grid for
+seed sweeps, ASHA on the final stage's epochs. Each trial runs its pipeline (``pipeline.py``).
+``--resume`` continues an interrupted sweep: finished trials are not re-run and finished stages
+are reused from the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray_lt.artifacts import ArtifactStore
+from ray_lt.errors import ConfigError, RayLtError
+from ray_lt.experiment import Experiment, load_experiment
+from ray_lt.spec import Resources, StageSpec, walk, with_resources
+from ray_lt.tracking import Tracker, default_tracking_uri, normalize_uri
+
+TRIAL_INDEX = "__trial_index__"
+
+
+@dataclass
+class SweepSetup:
+    """What every trial receives (once, through the object store)."""
+
+    experiment: Experiment
+    store_uri: str
+    tracking_uri: str
+    data_root: str | None
+    data_refs: dict[Any, Any]
+    smoke: bool
+    resources: Resources | None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ray_lt.sweep", description=__doc__.splitlines()[0])
+    p.add_argument("file", help="experiment file (Python) defining `experiment = Experiment(...)`")
+    p.add_argument("--smoke", action="store_true", help="run the experiment's smoke variant")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite ./mlflow.db)")
+    p.add_argument("--store", help="artifact store: a local path or a pyarrow.fs URI")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray in-process)")
+    p.add_argument("--data-root", help="dataset root (default: $RAY_LT_DATA)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for an in-process Ray")
+    p.add_argument("--gpus-per-worker", type=float, help="GPU fraction per stage worker")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per stage worker")
+    return p.parse_args(argv)
+
+
+def sample_config(space: Any) -> Any:
+    """One concrete config from a Tune search space (first grid value, a sample per domain)."""
+    from ray.tune.search.sample import Domain
+
+    if isinstance(space, Domain):
+        return space.sample()
+    if isinstance(space, dict):
+        if set(space) == {"grid_search"}:
+            return sample_config(space["grid_search"][0])
+        return {k: sample_config(v) for k, v in space.items()}
+    return space
+
+
+def check_space(exp: Experiment) -> None:
+    """Reject empty or impossible search spaces before any trial starts."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    domains = 0
+
+    def visit(name: str, value: Any) -> None:
+        nonlocal domains
+        if isinstance(value, dict) and set(value) == {"grid_search"}:
+            if not value["grid_search"]:
+                raise ConfigError(f"impossible search space: '{name}' is an empty grid_search")
+            if exp.search == "optuna":
+                raise ConfigError(
+                    f"'{name}' is a grid_search, which Optuna cannot search; "
+                    "use search='grid' or a tune.choice"
+                )
+            domains += 1
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{name}/{k}" if name else k, v)
+        elif isinstance(value, (Float, Integer)):
+            lo, hi = value.lower, value.upper
+            sampler = type(value.get_sampler()).__name__.lower()
+            if not lo < hi or ("log" in sampler and lo <= 0):
+                raise ConfigError(
+                    f"impossible search space: '{name}' has lower={lo}, upper={hi}; "
+                    "it needs lower < upper (and lower > 0 for a log scale)"
+                )
+            domains += 1
+        elif isinstance(value, Categorical):
+            if not value.categories:
+                raise ConfigError(f"impossible search space: '{name}' is an empty tune.choice")
+            domains += 1
+
+    visit("", dict(exp.param_space))
+    if exp.search == "optuna" and domains == 0:
+        raise ConfigError(
+            f"empty search space in experiment '{exp.name}': param_space has no tune.* domain "
+            "for Optuna; add one (e.g. 'lr': tune.loguniform(1e-3, 0.3)) or use search='grid'"
+        )
+    if "seed" in exp.param_space:
+        raise ConfigError("put seeds in Experiment(seeds=...), not in param_space['seed']")
+
+
+def check_pipeline(exp: Experiment, data_root: str | None) -> list[StageSpec]:
+    """Build one sample trial's DAG and check every name in it; load each dataset once."""
+    from ray_lt.data import DATASETS, load_dataset
+    from ray_lt.models import BACKBONES, HEADS
+    from ray_lt.objective import get_objective, parse_params
+
+    config = {**sample_config(dict(exp.param_space)), "seed": exp.seeds[0]}
+    try:
+        final = exp.pipeline(config)
+    except RayLtError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's pipeline function failed
+        raise ConfigError(
+            f"the pipeline of '{exp.name}' failed on config {config}: {type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(final, StageSpec):
+        raise ConfigError(
+            f"the pipeline of '{exp.name}' returned {type(final).__name__}, not a StageSpec"
+        )
+    stages = walk(final)
+    for spec in stages:
+        params = parse_params(get_objective(spec.kind), spec)
+        DATASETS.get(spec.data.name)
+        for attr, registry in (("backbone", BACKBONES), ("head", HEADS)):
+            if hasattr(params, attr):
+                registry.get(getattr(params, attr))
+        load_dataset(spec.data, data_root)
+    return stages
+
+
+def _abs(path_or_uri: str) -> str:
+    return path_or_uri if "://" in path_or_uri else os.path.abspath(path_or_uri)
+
+
+def _trial(config: dict[str, Any], setup: SweepSetup) -> None:
+    """One Tune trial: one configuration with one seed, its whole pipeline."""
+    from ray import tune
+
+    from ray_lt.pipeline import TrialContext, run_pipeline
+
+    exp = setup.experiment
+    config = dict(config)
+    index = config.pop(TRIAL_INDEX, None)
+    config.setdefault("seed", exp.seeds[int(index or 0) % len(exp.seeds)])
+    tracker = Tracker(setup.tracking_uri, exp.name)
+    run_id = tracker.start_trial(tune.get_context().get_trial_id(), config, setup.smoke)
+    try:
+        final = exp.pipeline(config)
+        if setup.resources is not None:
+            final = with_resources(final, setup.resources, only_default=False)
+        elif exp.resources != Resources():
+            final = with_resources(final, exp.resources)
+        ctx = TrialContext(
+            store_uri=setup.store_uri,
+            data_refs=dict(setup.data_refs),
+            data_root=setup.data_root,
+            tracker=tracker,
+            trial_run_id=run_id,
+            report_to_tune=True,
+        )
+        artifact = run_pipeline(final, ctx)[-1].artifact
+        metrics = artifact.metrics()
+        result = dict(metrics.get("test", {}))
+        result.update({f"val_{k}": v for k, v in metrics.get("val", {}).items()})
+        per_class = Path(artifact.local_dir()) / "tables" / "per_class.parquet"
+        tracker.finish_trial(run_id, result, str(per_class) if per_class.exists() else None)
+    except BaseException as err:
+        tracker.fail_trial(run_id, err)
+        raise
+    tune.report({**result, "artifact": artifact.key, "seed": config["seed"]})
+
+
+def build_tuner(exp: Experiment, setup: SweepSetup, store: ArtifactStore, final_epochs: int):
+    """The Tune ``Tuner`` for this experiment (search algorithm, scheduler, storage)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Repeater
+
+    space = dict(exp.param_space)
+    single = len(exp.metrics) == 1
+    num_samples = exp.num_samples
+    if exp.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(
+            metric=exp.metrics[0] if single else list(exp.metrics),
+            mode=exp.modes[0] if single else list(exp.modes),
+            seed=0,
+        )
+        if len(exp.seeds) > 1:
+            searcher = Repeater(searcher, repeat=len(exp.seeds), set_index=True)
+            num_samples *= len(exp.seeds)
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=exp.max_concurrent_trials)
+    else:
+        space["seed"] = tune.grid_search(list(exp.seeds))
+        search_alg = BasicVariantGenerator(
+            max_concurrent=exp.max_concurrent_trials, random_state=0
+        )
+    scheduler = None
+    if exp.scheduler == "asha" and single:
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=final_epochs + 1,  # never stop at the last epoch: the trial still reports
+            grace_period=min(exp.grace_period, final_epochs),
+            reduction_factor=2,
+        )
+    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"CPU": 0.01})
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=num_samples,
+        max_concurrent_trials=exp.max_concurrent_trials,
+        metric=exp.metrics[0] if single else None,
+        mode=exp.modes[0] if single else None,
+    )
+    run_config = tune.RunConfig(
+        storage_path=store.uri.rstrip("/") + "/_tune",
+        name=exp.name,
+        failure_config=tune.FailureConfig(max_failures=0),
+        verbose=1,
+    )
+    return trainable, space, tune_config, run_config
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.file, smoke=args.smoke)
+    check_space(exp)
+    data_root = args.data_root or exp.data_root or os.environ.get("RAY_LT_DATA")
+    data_root = os.path.abspath(data_root) if data_root else None
+    stages = check_pipeline(exp, data_root)
+    store = ArtifactStore(_abs(args.store or exp.store))
+    tracking_uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
+    Tracker(tracking_uri, exp.name)  # fails here, in one line, when the store is unreachable
+    resources = None
+    if args.gpus_per_worker is not None or args.cpus_per_worker is not None:
+        resources = Resources(
+            cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else 1.0,
+            gpus_per_worker=args.gpus_per_worker or 0.0,
+        )
+
+    import ray
+    import ray.cloudpickle
+    from ray import tune
+
+    from ray_lt.data import load_dataset
+
+    module = sys.modules.get(exp.pipeline.__module__)
+    if module is not None and module.__name__.startswith("ray_lt_experiment_"):
+        ray.cloudpickle.register_pickle_by_value(module)  # the file is not importable remotely
+    project_root = str(Path(args.file).resolve().parent.parent)
+    env = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (project_root, os.environ.get("PYTHONPATH", "")) if p
+        ),
+        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    }
+    env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_LT_")})
+    if data_root:
+        env["RAY_LT_DATA"] = data_root
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address=args.address,
+            num_cpus=args.num_cpus if not args.address else None,
+            runtime_env={"env_vars": env},
+            logging_level=logging.WARNING,
+        )
+    try:
+        refs = {s.data: ray.put(load_dataset(s.data, data_root)) for s in stages}
+        setup = SweepSetup(exp, store.uri, tracking_uri, data_root, refs, args.smoke, resources)
+        trainable, space, tune_config, run_config = build_tuner(
+            exp, setup, store, stages[-1].train.epochs
+        )
+        path = f"{run_config.storage_path}/{exp.name}"
+        if args.resume:
+            if not tune.Tuner.can_restore(path):
+                raise RayLtError(
+                    f"nothing to resume at {path}; run without --resume to start the sweep"
+                )
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space, tune_config=tune_config, run_config=run_config
+            )
+        results = tuner.fit()
+        return summarize(exp, results, tracking_uri)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:
+    """Print one line per trial; exit 0 when at least one trial finished."""
+    metric = exp.metrics[0]
+    ok = 0
+    print(f"\nsweep '{exp.name}': {len(results)} trials (metric {metric}, mode {exp.modes[0]})")
+    for result in results:
+        cfg = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
+        value = (result.metrics or {}).get(metric)
+        status = "ERROR" if result.error else "OK"
+        ok += result.error is None and value is not None
+        shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else value
+        reason = f"  ({str(result.error).splitlines()[-1][:160]})" if result.error else ""
+        print(f"  {status:5s} {metric}={shown}  {cfg}{reason}")
+    print(f"MLflow: {tracking_uri}  (mlflow ui --backend-store-uri {tracking_uri})")
+    if ok == 0:
+        print(f"error: every trial of '{exp.name}' failed; see the reasons above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run_sweep(args)
+    except RayLtError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

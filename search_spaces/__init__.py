@@ -1,0 +1,1 @@
+"""Reusable Tune search spaces, imported by experiment files."""
