@@ -99,6 +99,16 @@ def _fault_for(spec: StageSpec) -> int | None:
     return int(epoch) if kind == spec.kind else None
 
 
+def _fault_marker(store: ArtifactStore, key: str, epoch: int | None) -> str | None:
+    """Where an injected fault records that it happened (so it fires once per store)."""
+    if epoch is None:
+        return None
+    base = store.train_dir()
+    if "://" in base:
+        base = os.path.join(tempfile.gettempdir(), "ray_lt_train")
+    return os.path.join(base, "_faults", f"{key}-epoch{epoch}")
+
+
 def data_ref(spec: StageSpec, ctx: TrialContext) -> Any:
     """The dataset's object ref: the driver's if it put one, else load and put it here."""
     import ray
@@ -132,9 +142,7 @@ def train_stage(
         "data_ref": data_ref(spec, ctx),
         "inputs": {name: up.key for name, up in spec.inputs},
         "fail_at_epoch": fault,
-        "fault_marker": os.path.join(tempfile.gettempdir(), "ray_lt_faults", f"{key}-{fault}")
-        if fault is not None
-        else None,
+        "fault_marker": _fault_marker(store, key, fault),
     }
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:

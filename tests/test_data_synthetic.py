@@ -1,4 +1,4 @@
-"""Tests for ray_lt.data.spec and ray_lt.data.synthetic: specs, the registry, and learnable data."""
+"""Tests for ray_lt.data.spec and ray_lt.data.synthetic: specs, registry, learnable data."""
 
 from __future__ import annotations
 
@@ -27,7 +27,14 @@ def test_spec_unknown_key_names_it_and_the_valid_ones():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"imbalance": 0}, {"imbalance": -1.0}, {"num_classes": 1}, {"seed": -1}, {"name": ""}],
+    [
+        {"imbalance": 0},
+        {"imbalance": -1.0},
+        {"num_classes": 1},
+        {"seed": -1},
+        {"seed": 2**32},
+        {"name": ""},
+    ],
 )
 def test_spec_rejects_bad_values(kwargs):
     with pytest.raises(ConfigError):

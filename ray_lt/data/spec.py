@@ -68,6 +68,8 @@ class DataSpec:
                 raise ConfigError(
                     f"DataSpec.{key} must be an integer >= {low}, got {value!r}; fix the data spec"
                 )
+        if self.seed >= 2**32:
+            raise ConfigError(f"DataSpec.seed must be < 2**32 (a NumPy seed), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-serialisable dict (the inverse of :meth:`from_dict`)."""

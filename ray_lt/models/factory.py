@@ -19,7 +19,7 @@ from torch import nn
 
 from ray_lt.errors import ConfigError
 from ray_lt.models.heads import CosineHead, LWSHead, linear_head
-from ray_lt.models.resnet_cifar import resnet32
+from ray_lt.models.resnet_cifar import resnet8, resnet20, resnet32
 from ray_lt.models.resnet_tv import TORCHVISION_ARCHS, torchvision_backbone
 from ray_lt.registry import Registry
 
@@ -27,6 +27,8 @@ BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
 
 BACKBONES.register("resnet32")(resnet32)
+BACKBONES.register("resnet20")(resnet20)
+BACKBONES.register("resnet8")(resnet8)
 for _arch in TORCHVISION_ARCHS:
     BACKBONES.register(_arch)(functools.partial(torchvision_backbone, _arch))
 

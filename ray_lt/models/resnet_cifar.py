@@ -89,3 +89,13 @@ class CifarResNet(nn.Module):
 def resnet32() -> CifarResNet:
     """ResNet-32 for 32x32 inputs: 3 stages of 5 BasicBlocks, a 64-d pooled feature (~0.46M)."""
     return CifarResNet((5, 5, 5))
+
+
+def resnet20() -> CifarResNet:
+    """ResNet-20 (n=3), the smaller member of the same family."""
+    return CifarResNet((3, 3, 3))
+
+
+def resnet8() -> CifarResNet:
+    """ResNet-8 (n=1): about 4x cheaper than ResNet-32, for smoke runs on CPUs."""
+    return CifarResNet((1, 1, 1))

@@ -1,0 +1,86 @@
+"""Contract over every registered stage objective: one CPU step gives a finite loss, a gradient
+on every trainable parameter, named loss terms, and (features, logits) of the right shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ray_lt.data import augment_batch, load_dataset
+from ray_lt.models import create_model
+from ray_lt.objective import (
+    OBJECTIVES,
+    Batch,
+    StageContext,
+    UpstreamArtifact,
+    get_objective,
+    parse_params,
+)
+from ray_lt.spec import StageSpec
+from tests.conftest import TINY, tiny_ce, tiny_crt
+
+
+def _upstream(data) -> dict[str, UpstreamArtifact]:
+    ce = tiny_ce()
+    model = create_model("resnet8", data.num_classes)
+    doc = {"key": ce.key, "spec": ce.to_dict()}
+    return {"features": UpstreamArtifact(key=ce.key, spec=doc, state_dict=model.state_dict())}
+
+
+def _spec_for(kind: str) -> StageSpec:
+    if kind == "ce":
+        return tiny_ce()
+    return tiny_crt(tiny_ce(), kind=kind)
+
+
+@pytest.mark.parametrize("kind", (get_objective("ce"), OBJECTIVES.names())[1])
+def test_one_step_contract(kind):
+    spec = _spec_for(kind)
+    data = load_dataset(TINY)
+    objective = get_objective(kind)
+    params = parse_params(objective, spec)
+    ctx = StageContext(
+        spec=spec,
+        data=data,
+        device=torch.device("cpu"),
+        inputs=_upstream(data),
+        class_counts=torch.as_tensor(data.class_counts),
+    )
+    model = objective.build(params, ctx)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.from_numpy(data.train.images[:8].copy())
+    x = augment_batch("crop_flip", raw, gen, data.mean, data.std)
+    y = torch.from_numpy(data.train.labels[:8].copy())
+    batch = Batch(x=x, y=y, index=torch.arange(8), raw=raw, generator=gen)
+    terms = objective.loss(params, model, batch, ctx)
+    assert terms and all(isinstance(k, str) for k in terms)
+    loss = sum(terms.values())
+    assert math.isfinite(loss.item())
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable, "an objective must train something"
+    for name, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    feats, logits = model(x)
+    assert logits.shape == (8, data.num_classes) and feats.shape[0] == 8
+
+
+def test_unknown_param_is_an_error():
+    from ray_lt.errors import ConfigError
+
+    spec = StageSpec(kind="ce", data=TINY, train=tiny_ce().train, params={"backbnoe": "resnet8"})
+    with pytest.raises(ConfigError, match="backbnoe"):
+        parse_params(get_objective("ce"), spec)
+
+
+def test_key_changes_with_what_changes_the_result():
+    a = tiny_ce()
+    assert a.key == tiny_ce().key
+    assert a.key != tiny_ce(seed=1).key
+    assert tiny_crt(a).key != tiny_crt(tiny_ce(seed=1)).key  # input keys enter the key
+    from ray_lt.spec import Resources
+
+    assert a.with_resources(Resources(gpus_per_worker=0.5)).key == a.key  # resources do not
