@@ -51,7 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address (default: start Ray in-process)")
     p.add_argument("--data-root", help="dataset root (default: $RAY_LT_DATA)")
     p.add_argument("--num-cpus", type=int, help="CPUs for an in-process Ray")
-    p.add_argument("--gpus-per-worker", type=float, help="GPU fraction per stage worker")
+    p.add_argument(
+        "--gpus-per-worker",
+        default="auto",
+        help="GPU fraction per stage worker; 'auto' (default): when the cluster has GPUs and the "
+        "experiment sets none, share them among the concurrent trials",
+    )
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per stage worker")
     return p.parse_args(argv)
 
@@ -246,12 +251,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     store = ArtifactStore(_abs(args.store or exp.store))
     tracking_uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
     Tracker(tracking_uri, exp.name)  # fails here, in one line, when the store is unreachable
-    resources = None
-    if args.gpus_per_worker is not None or args.cpus_per_worker is not None:
-        resources = Resources(
-            cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else 1.0,
-            gpus_per_worker=args.gpus_per_worker or 0.0,
-        )
+    gpus = None if args.gpus_per_worker == "auto" else _fraction(args.gpus_per_worker)
 
     import ray
     import ray.cloudpickle
@@ -282,6 +282,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             logging_level=logging.WARNING,
         )
     try:
+        resources = _resources(exp, gpus, args.cpus_per_worker, ray.cluster_resources())
         refs = {s.data: ray.put(load_dataset(s.data, data_root)) for s in stages}
         setup = SweepSetup(exp, store.uri, tracking_uri, data_root, refs, args.smoke, resources)
         trainable, space, tune_config, run_config = build_tuner(
@@ -303,6 +304,33 @@ def run_sweep(args: argparse.Namespace) -> int:
     finally:
         if started:
             ray.shutdown()
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value:
+        raise ConfigError(f"--gpus-per-worker must be 'auto' or a number >= 0, got {text!r}")
+    return value
+
+
+def _resources(
+    exp: Experiment, gpus: float | None, cpus: float | None, cluster: dict[str, float]
+) -> Resources | None:
+    """Per-worker resources overriding the experiment's, or None to keep each stage's own."""
+    if gpus is None and cpus is None:
+        if exp.resources.gpus_per_worker or not cluster.get("GPU"):
+            return None
+        share = min(1.0, cluster["GPU"] / exp.max_concurrent_trials)
+        print(f"ray-lt: {cluster['GPU']:g} GPU(s) found; each stage worker gets {share:g} GPU")
+        return Resources(cpus_per_worker=exp.resources.cpus_per_worker, gpus_per_worker=share)
+    return Resources(
+        num_workers=exp.resources.num_workers,
+        cpus_per_worker=cpus if cpus is not None else exp.resources.cpus_per_worker,
+        gpus_per_worker=gpus if gpus is not None else exp.resources.gpus_per_worker,
+    )
 
 
 def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:

@@ -54,7 +54,7 @@ def cifar_root() -> Path | None:
     """$RAY_LT_DATA when it holds CIFAR-100 as Parquet, else None (tests skip)."""
     root = os.environ.get("RAY_LT_DATA")
     if root and (Path(root) / "cifar100" / "train.parquet").exists():
-        return Path(root)
+        return Path(root).resolve()
     return None
 
 

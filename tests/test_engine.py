@@ -1,4 +1,4 @@
-"""The one training loop, run in-process (LocalSession): schedule, exports, resume, NaN, freezing."""
+"""The one training loop, in-process (LocalSession): schedule, exports, resume, NaN, freezing."""
 
 from __future__ import annotations
 

@@ -1,0 +1,101 @@
+"""Bad input reaches the user as one line naming the cause and the fix, with a non-zero exit,
+before Ray starts, and nothing already stored is touched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_lt.errors import ConfigError, ExperimentError
+from ray_lt.experiment import Experiment, load_experiment
+from tests.conftest import tiny_ce
+
+FIX = Path(__file__).parent / "fixtures"
+ROOT = FIX.parent.parent
+
+
+def _cli(tmp_path, *args, env=None):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray_lt.sweep",
+            *map(str, args),
+            "--store",
+            str(tmp_path / "s"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'm.db'}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    return proc.returncode, lines, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "file, env, expected",
+    [
+        (FIX / "missing.py", {}, "does not exist"),
+        (FIX / "broken_syntax.py", {}, "syntax error in"),
+        (FIX / "no_experiment.py", {}, "defines no `experiment = Experiment(...)`"),
+        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "stage"}, "unknown stage kind 'cee'; known:"),
+        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "model"}, "unknown backbone 'resnet33'"),
+        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "dataset"}, "unknown dataset 'cifar1000_lt'"),
+        (
+            FIX / "bad_names.py",
+            {"RAY_LT_TEST_BAD": "data", "RAY_LT_DATA": "/nonexistent/data"},
+            "RAY_LT_DATA",
+        ),
+        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "empty"}, "empty search space"),
+        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "impossible"}, "impossible search space"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, file, env, expected):
+    code, lines, stderr = _cli(tmp_path, file, env=env)
+    assert code == 2, stderr[-2000:]
+    assert len(lines) == 1 and expected in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "s" / "_tune").exists()  # failed before any trial ran
+
+
+def test_bad_input_leaves_the_store_intact(tmp_path):
+    from ray_lt.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "s")
+    src = tmp_path / "art"
+    src.mkdir()
+    (src / "metrics.json").write_text("{}")
+    store.put("ce-0123456789abcdef", src)
+    code, _, _ = _cli(tmp_path, FIX / "bad_names.py", env={"RAY_LT_TEST_BAD": "stage"})
+    assert code == 2 and store.lookup("ce-0123456789abcdef") is not None
+
+
+def test_load_experiment_and_smoke_variant():
+    exp = load_experiment(ROOT / "experiments" / "quickstart.py")
+    assert exp.name == "quickstart" and exp.seeds == (0, 1)
+    smoke = load_experiment(ROOT / "experiments" / "quickstart.py", smoke=True)
+    assert smoke.name == "quickstart-smoke"
+    with pytest.raises(ExperimentError, match="no smoke variant"):
+        Experiment(name="x", pipeline=lambda c: tiny_ce()).variant(smoke=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"search": "bayes"}, "unknown search 'bayes'"),
+        ({"mode": "maximum"}, "must be 'max' or 'min'"),
+        ({"seeds": ()}, "seeds is empty"),
+        ({"metric": ("a", "b"), "mode": ("max",) * 3}, "must be 'max' or 'min'"),
+    ],
+)
+def test_experiment_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Experiment(name="x", pipeline=lambda c: tiny_ce(), **kwargs)
