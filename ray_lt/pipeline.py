@@ -34,6 +34,7 @@ class TrialContext:
     trial_run_id: str | None = None
     owner: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
     report_to_tune: bool = False  # the final stage's epochs feed Tune's scheduler
+    in_process: str | None = None  # a torch device: train here, without Ray (benchmarks, debug)
 
 
 @dataclass
@@ -82,7 +83,10 @@ def ensure_stage(
         found = store.lookup(key)  # finished by another trial while we took the lock
         if found is not None:
             return StageOutcome(spec, found, reused=True)
-        train_stage(spec, store, ctx, report_to_tune=ctx.report_to_tune and is_final)
+        if ctx.in_process:
+            train_stage_in_process(spec, store, ctx)
+        else:
+            train_stage(spec, store, ctx, report_to_tune=ctx.report_to_tune and is_final)
         artifact = store.lookup(key)
         if artifact is None:
             raise RayLtError(f"stage {spec.name} ({key}) finished but left no valid artifact")
@@ -167,13 +171,55 @@ def train_stage(
     if result.error is not None:
         raise result.error
     summary = result.return_value or {}
+    _raise_if_nonfinite(spec, summary)
+    return summary
+
+
+def _raise_if_nonfinite(spec: StageSpec, summary: dict[str, Any]) -> None:
     if summary.get("status") == "nonfinite":
         last = summary.get("history", [{}])[-1]
         raise NonFiniteLossError(
-            f"stage {spec.name} ({key}): non-finite loss at epoch {last.get('epoch')} "
+            f"stage {spec.name} ({spec.key}): non-finite loss at epoch {last.get('epoch')} "
             f"({last.get('loss')}); lower the learning rate (lr={spec.train.lr}) or check the data"
         )
-    return summary
+
+
+def _upstream(store: ArtifactStore, inputs: dict[str, str]) -> dict[str, Any]:
+    from ray_lt.objective import UpstreamArtifact
+
+    out = {}
+    for name, key in inputs.items():
+        art = store.open(key)
+        out[name] = UpstreamArtifact(
+            key=key, spec=art.spec(), state_dict=art.state_dict(), metrics=art.metrics()
+        )
+    return out
+
+
+def train_stage_in_process(spec: StageSpec, store: ArtifactStore, ctx: TrialContext) -> None:
+    """The same engine and objective in this process (no Ray): checkpoints under _train/<key>."""
+    from ray_lt.data import load_dataset
+    from ray_lt.engine import LocalSession, StageRun, run_stage
+    from ray_lt.objective import get_objective
+
+    out_dir = os.path.join(tempfile.gettempdir(), f"ray_lt_out_{uuid.uuid4().hex}")
+    train_dir = store.train_dir()
+    if "://" in train_dir:
+        train_dir = os.path.join(tempfile.gettempdir(), "ray_lt_train")
+    run = StageRun(
+        spec=spec,
+        objective=get_objective(spec.kind),
+        data=load_dataset(spec.data, ctx.data_root),
+        inputs=_upstream(store, {n: up.key for n, up in spec.inputs}),
+        out_dir=out_dir,
+    )
+    session = LocalSession(ctx.in_process, checkpoint_dir=os.path.join(train_dir, spec.key))
+    try:
+        summary = run_stage(run, session)
+        _raise_if_nonfinite(spec, summary)
+        store.put(spec.key, out_dir)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def stage_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -181,16 +227,11 @@ def stage_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from ray_lt.engine import RayTrainSession, StageRun, run_stage
-    from ray_lt.objective import UpstreamArtifact, get_objective
+    from ray_lt.objective import get_objective
 
     spec = StageSpec.from_dict(config["spec"])
     store = ArtifactStore(config["store"])
-    inputs = {}
-    for name, key in config["inputs"].items():
-        art = store.open(key)
-        inputs[name] = UpstreamArtifact(
-            key=key, spec=art.spec(), state_dict=art.state_dict(), metrics=art.metrics()
-        )
+    inputs = _upstream(store, config["inputs"])
     session = RayTrainSession()
     out_dir = None
     if session.world_rank == 0:
