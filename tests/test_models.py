@@ -13,6 +13,8 @@ from ray_lt.models.resnet_tv import torchvision_backbone
 
 FEATURE_DIMS = {
     "resnet32": 64,
+    "resnet20": 64,
+    "resnet8": 64,
     "resnet10": 512,
     "resnet18": 512,
     "resnet34": 512,
