@@ -27,6 +27,9 @@ class UpstreamArtifact:
     spec: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Any] = field(
+        default_factory=dict
+    )  # name -> pyarrow.Table (tables/*.parquet)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray_lt.artifacts import Artifact, ArtifactStore
@@ -139,12 +140,17 @@ def train_stage(
 
         callbacks.append(TuneReportCallback())
     fault = _fault_for(spec)
+    import ray
+
+    # Upstream weights and tables are read from the store once, here, and reach every worker
+    # through the object store (Arrow tables and tensors without a copy per worker).
+    inputs = upstream(store, {name: up.key for name, up in spec.inputs})
     config = {
         "spec": spec.to_dict(),
         "key": key,
         "store": store.uri,
         "data_ref": data_ref(spec, ctx),
-        "inputs": {name: up.key for name, up in spec.inputs},
+        "inputs_ref": ray.put(inputs),
         "fail_at_epoch": fault,
         "fault_marker": _fault_marker(store, key, fault),
     }
@@ -184,14 +190,24 @@ def _raise_if_nonfinite(spec: StageSpec, summary: dict[str, Any]) -> None:
         )
 
 
-def _upstream(store: ArtifactStore, inputs: dict[str, str]) -> dict[str, Any]:
+def upstream(store: ArtifactStore, inputs: dict[str, str]) -> dict[str, Any]:
+    """Each input artifact as an ``UpstreamArtifact``: spec, weights, metrics and every table."""
     from ray_lt.objective import UpstreamArtifact
 
     out = {}
     for name, key in inputs.items():
         art = store.open(key)
+        tables = {
+            Path(f).stem: art.table(Path(f).stem)
+            for f in art.files()
+            if f.startswith("tables/") and f.endswith(".parquet")
+        }
         out[name] = UpstreamArtifact(
-            key=key, spec=art.spec(), state_dict=art.state_dict(), metrics=art.metrics()
+            key=key,
+            spec=art.spec(),
+            state_dict=art.state_dict(),
+            metrics=art.metrics(),
+            tables=tables,
         )
     return out
 
@@ -210,7 +226,7 @@ def train_stage_in_process(spec: StageSpec, store: ArtifactStore, ctx: TrialCont
         spec=spec,
         objective=get_objective(spec.kind),
         data=load_dataset(spec.data, ctx.data_root),
-        inputs=_upstream(store, {n: up.key for n, up in spec.inputs}),
+        inputs=upstream(store, {n: up.key for n, up in spec.inputs}),
         out_dir=out_dir,
     )
     session = LocalSession(ctx.in_process, checkpoint_dir=os.path.join(train_dir, spec.key))
@@ -231,7 +247,7 @@ def stage_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     spec = StageSpec.from_dict(config["spec"])
     store = ArtifactStore(config["store"])
-    inputs = _upstream(store, config["inputs"])
+    inputs = ray.get(config["inputs_ref"])
     session = RayTrainSession()
     out_dir = None
     if session.world_rank == 0:

@@ -203,6 +203,15 @@ def _rows(finished: list, metrics: list[str]) -> tuple[list[ReportRow], int]:
     return rows, duplicates
 
 
+def _short_value(value: str) -> str:
+    """Floats with 4 significant digits (Optuna samples print 17); everything else as is."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "e" not in value else f"{number:.4g}"
+
+
 def _labels(groups: dict[str, dict[str, str]], tag_labels: dict[str, str]) -> dict[str, str]:
     """'name=value ...' from the params that differ across configs, else the label tag."""
     keys = sorted({k for p in groups.values() for k in p})
@@ -212,7 +221,7 @@ def _labels(groups: dict[str, dict[str, str]], tag_labels: dict[str, str]) -> di
         short = {k: k for k in varying}
     labels = {}
     for cid, p in groups.items():
-        text = " ".join(f"{short[k]}={p[k]}" for k in varying if k in p)
+        text = " ".join(f"{short[k]}={_short_value(p[k])}" for k in varying if k in p)
         labels[cid] = text or tag_labels[cid] or cid[:12]
     counts = Counter(labels.values())
     return {cid: f"{t} [{cid[:8]}]" if counts[t] > 1 else t for cid, t in labels.items()}

@@ -346,6 +346,13 @@ def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:
         shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else value
         reason = f"  ({str(result.error).splitlines()[-1][:160]})" if result.error else ""
         print(f"  {status:5s} {metric}={shown}  {cfg}{reason}")
+    try:
+        trial_ids = [r.metrics.get("trial_id") for r in results if r.metrics]
+        closed = Tracker(tracking_uri, exp.name).close_unfinished([t for t in trial_ids if t])
+        if closed:
+            print(f"{closed} trial(s) stopped early by the scheduler are marked KILLED in MLflow")
+    except RayLtError as err:
+        print(f"warning: {err}", file=sys.stderr)
     print(f"MLflow: {tracking_uri}  (mlflow ui --backend-store-uri {tracking_uri})")
     if ok == 0:
         print(f"error: every trial of '{exp.name}' failed; see the reasons above", file=sys.stderr)

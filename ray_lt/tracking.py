@@ -156,6 +156,20 @@ class Tracker:
             self.client.log_artifact(run_id, per_class_parquet)
         self.client.set_terminated(run_id, "FINISHED")
 
+    def close_unfinished(self, trial_ids: list[str], status: str = "KILLED") -> int:
+        """Mark trial runs still RUNNING (stopped by ASHA, or killed) as ``status``."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE}` = '{TRIAL}' and attributes.status = 'RUNNING'",
+            max_results=5000,
+        )
+        closed = 0
+        for run in runs:
+            if run.data.tags.get("ray_lt.trial_id") in trial_ids:
+                self.client.set_terminated(run.info.run_id, status)
+                closed += 1
+        return closed
+
     def fail_trial(self, run_id: str, error: BaseException) -> None:
         message = f"{type(error).__name__}: {error}"[:MAX_PARAM_LEN]
         self.client.set_tag(run_id, "ray_lt.error", message)
