@@ -17,7 +17,7 @@ from ray_lt.experiment import Experiment
 from ray_lt.spec import StageSpec, TrainSpec
 from search_spaces.optim import lr_wd
 
-DATA = DataSpec(name="synthetic_lt", num_classes=10, max_per_class=200, imbalance=10.0)
+DATA = DataSpec(name="synthetic_lt", num_classes=10, max_per_class=200, imbalance=20.0)
 
 
 def pipeline(config: dict[str, Any], epochs: int = 4, crt_epochs: int = 2) -> StageSpec:
@@ -26,7 +26,12 @@ def pipeline(config: dict[str, Any], epochs: int = 4, crt_epochs: int = 2) -> St
         kind="ce",
         data=DATA,
         train=TrainSpec(
-            epochs=epochs, batch_size=64, lr=0.1, schedule="cosine", seed=config["seed"]
+            epochs=epochs,
+            batch_size=64,
+            lr=0.1,
+            schedule="cosine",
+            seed=config["seed"],
+            eval_every=2,
         ),
         params={"backbone": "resnet32"},
     )

@@ -337,15 +337,23 @@ def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:
     """Print one line per trial; exit 0 when at least one trial finished."""
     metric = exp.metrics[0]
     ok = 0
-    print(f"\nsweep '{exp.name}': {len(results)} trials (metric {metric}, mode {exp.modes[0]})")
+    print(
+        f"\nsweep '{exp.name}': {len(results)} trials (metric {metric}, mode {exp.modes[0]}; "
+        "STOP = stopped early by the scheduler)"
+    )
     for result in results:
         cfg = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
         value = (result.metrics or {}).get(metric)
-        status = "ERROR" if result.error else "OK"
+        # a trial's last report carries "artifact" only when its whole pipeline finished
+        finished = "artifact" in (result.metrics or {})
+        status = "ERROR" if result.error else "OK" if finished else "STOP"
         ok += result.error is None and value is not None
         shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else value
         reason = f"  ({str(result.error).splitlines()[-1][:160]})" if result.error else ""
-        print(f"  {status:5s} {metric}={shown}  {cfg}{reason}")
+        index = (result.config or {}).get(TRIAL_INDEX)
+        seed = exp.seeds[int(index) % len(exp.seeds)] if index is not None else cfg.get("seed")
+        cfg.pop("seed", None)
+        print(f"  {status:5s} {metric}={shown}  seed={seed} {cfg}{reason}")
     try:
         trial_ids = [r.metrics.get("trial_id") for r in results if r.metrics]
         closed = Tracker(tracking_uri, exp.name).close_unfinished([t for t in trial_ids if t])
