@@ -217,7 +217,11 @@ def build_tuner(exp: Experiment, setup: SweepSetup, store: ArtifactStore, final_
             max_concurrent=exp.max_concurrent_trials, random_state=0
         )
     scheduler = None
-    if exp.scheduler == "asha" and single:
+    repeated = exp.search == "optuna" and len(exp.seeds) > 1
+    if exp.scheduler == "asha" and repeated:
+        # ASHA would stop single seeds of a configuration and bias the mean the searcher sees
+        print("ray-lt: ASHA is off: each configuration runs once per seed and Optuna sees the mean")
+    if exp.scheduler == "asha" and single and not repeated:
         scheduler = ASHAScheduler(
             time_attr="epoch",
             max_t=final_epochs + 1,  # never stop at the last epoch: the trial still reports
