@@ -219,8 +219,10 @@ def build_tuner(exp: Experiment, setup: SweepSetup, store: ArtifactStore, final_
     scheduler = None
     repeated = exp.search == "optuna" and len(exp.seeds) > 1
     if exp.scheduler == "asha" and repeated:
-        # ASHA would stop single seeds of a configuration and bias the mean the searcher sees
-        print("ray-lt: ASHA is off: each configuration runs once per seed and Optuna sees the mean")
+        # ASHA would stop single seeds of a configuration and bias the mean Optuna sees
+        print(
+            "ray-lt: ASHA is off: each configuration runs once per seed and Optuna sees the mean"
+        )
     if exp.scheduler == "asha" and single and not repeated:
         scheduler = ASHAScheduler(
             time_attr="epoch",
