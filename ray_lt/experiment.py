@@ -106,6 +106,16 @@ class Experiment:
         )
 
 
+def project_root(path: str | Path) -> str:
+    """The nearest folder above an experiment file that holds ``search_spaces/`` or a
+    ``pyproject.toml`` (what the file's imports are relative to); else the file's grandparent."""
+    path = Path(path).resolve()
+    for folder in path.parents:
+        if (folder / "search_spaces").is_dir() or (folder / "pyproject.toml").is_file():
+            return str(folder)
+    return str(path.parent.parent)
+
+
 def load_experiment(path: str | Path, smoke: bool = False) -> Experiment:
     """Import an experiment file and return its ``experiment`` (or its smoke variant)."""
     path = Path(path)
@@ -116,9 +126,9 @@ def load_experiment(path: str | Path, smoke: bool = False) -> Experiment:
     if spec is None or spec.loader is None:
         raise ExperimentError(f"cannot import {path}; it must be a Python file")
     module = importlib.util.module_from_spec(spec)
-    project_root = str(path.resolve().parent.parent)
-    if project_root not in sys.path:
-        sys.path.insert(0, project_root)  # experiments import search_spaces beside them
+    root = project_root(path)
+    if root not in sys.path:
+        sys.path.insert(0, root)  # experiments import search_spaces beside them
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)

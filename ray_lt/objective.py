@@ -41,6 +41,9 @@ class StageContext:
     device: torch.device
     inputs: Mapping[str, UpstreamArtifact]
     class_counts: torch.Tensor  # train images per class, on ``device``
+    # Frozen helpers an objective builds beside its model (e.g. distillation teachers): they are
+    # on ``device`` in eval mode, never optimised and never saved with the stage's weights.
+    aux: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

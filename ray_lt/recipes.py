@@ -7,7 +7,9 @@ so "the CE recipe" means one thing everywhere. Nothing here imports Ray.
 from __future__ import annotations
 
 from ray_lt.data.spec import DataSpec
+from ray_lt.errors import ConfigError
 from ray_lt.spec import StageSpec, TrainSpec
+from ray_lt.stages.cbd import TEACHER_AUGMENTS
 
 CIFAR100_LT_100 = DataSpec(name="cifar100_lt", imbalance=100.0)
 
@@ -60,3 +62,88 @@ def baseline(
         train=decoupled_train.replace(seed=seed),
         inputs={"features": ce},
     )
+
+
+# CBD (methods/cbd.md; CIFAR recipe of METHODS.md): teachers follow the CE recipe with a cosine
+# head (fixed scale 16 for 64-d features); the student trains from scratch with class-balanced
+# sampling and distils the concatenated, renormalised teacher features.
+CIFAR_CBD_TEACHER = CIFAR_CE
+CIFAR_CBD_STUDENT = CIFAR_CE.replace(sampler="class_balanced")
+TEACHER_POOL = ("vanilla1", "vanilla2", "data_aug1", "data_aug2")
+
+
+def parse_teacher(name: str) -> tuple[str, int]:
+    """``"data_aug2"`` -> ("data_aug", 2): the teacher's augmentation and its seed."""
+    for augment in TEACHER_AUGMENTS:
+        rest = name[len(augment) :]
+        if name.startswith(augment) and rest.isdigit():
+            return augment, int(rest)
+    raise ConfigError(
+        f"unknown teacher '{name}'; a teacher is <augment><seed> with augment in "
+        f"{list(TEACHER_AUGMENTS)}, e.g. {', '.join(TEACHER_POOL)}"
+    )
+
+
+def split_teachers(subset: str) -> list[str]:
+    """``"vanilla1+data_aug2"`` -> ["vanilla1", "data_aug2"] (the encoding Optuna searches)."""
+    names = [n for n in subset.split("+") if n] if subset else []
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teacher subset '{subset}' names a teacher twice; list each once")
+    return names
+
+
+def cbd_teacher(
+    name: str,
+    *,
+    data: DataSpec = CIFAR100_LT_100,
+    train: TrainSpec = CIFAR_CBD_TEACHER,
+    backbone: str = "resnet32",
+    scale: float = 16.0,
+) -> StageSpec:
+    """A teacher named ``<augment><seed>``; its seed is part of its config (and key)."""
+    augment, seed = parse_teacher(name)
+    return StageSpec(
+        kind="cbd_teacher",
+        name=f"teacher_{name}",
+        data=data,
+        train=train.replace(seed=seed),
+        params={"backbone": backbone, "scale": scale, "augment": augment},
+    )
+
+
+def cbd(
+    teachers: str | list[str],
+    seed: int,
+    *,
+    alpha: float = 0.4,
+    beta: float = 100.0,
+    data: DataSpec = CIFAR100_LT_100,
+    teacher_train: TrainSpec = CIFAR_CBD_TEACHER,
+    student_train: TrainSpec = CIFAR_CBD_STUDENT,
+    backbone: str = "resnet32",
+    scale: float = 16.0,
+) -> StageSpec:
+    """A CBD student over the named teachers ("vanilla1+vanilla2", or a list); alpha=0 is
+    class-balanced training from scratch and takes no teachers."""
+    names = split_teachers(teachers) if isinstance(teachers, str) else list(teachers)
+    if alpha == 0:
+        names = []
+    inputs = {
+        f"teacher{i}": cbd_teacher(
+            n, data=data, train=teacher_train, backbone=backbone, scale=scale
+        )
+        for i, n in enumerate(names)
+    }
+    return StageSpec(
+        kind="cbd_student",
+        name="student",
+        data=data,
+        train=student_train.replace(seed=seed),
+        params={"backbone": backbone, "alpha": alpha, "beta": beta, "scale": scale},
+        inputs=inputs,
+    )
+
+
+# Smoke variants: small synthetic data and two epochs of ResNet-8, minutes on 2 CPU cores.
+SMOKE_DATA = DataSpec(name="synthetic_lt", num_classes=10, max_per_class=100, imbalance=20.0)
+SMOKE_TRAIN = CIFAR_CE.replace(epochs=2, warmup_epochs=0, batch_size=32, lr=0.05, eval_every=2)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray_lt.artifacts import ArtifactStore
 from ray_lt.errors import ConfigError, RayLtError
-from ray_lt.experiment import Experiment, load_experiment
+from ray_lt.experiment import Experiment, load_experiment, project_root
 from ray_lt.spec import Resources, StageSpec, walk, with_resources
 from ray_lt.tracking import Tracker, default_tracking_uri, normalize_uri
 
@@ -268,12 +268,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     module = sys.modules.get(exp.pipeline.__module__)
     if module is not None and module.__name__.startswith("ray_lt_experiment_"):
         ray.cloudpickle.register_pickle_by_value(module)  # the file is not importable remotely
-    project_root = str(Path(args.file).resolve().parent.parent)
+    root = project_root(args.file)
     env = {
         "MLFLOW_TRACKING_URI": tracking_uri,
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (project_root, os.environ.get("PYTHONPATH", "")) if p
-        ),
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_LT_")})

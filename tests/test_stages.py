@@ -26,12 +26,24 @@ def _upstream(data) -> dict[str, UpstreamArtifact]:
     ce = tiny_ce()
     model = create_model("resnet8", data.num_classes)
     doc = {"key": ce.key, "spec": ce.to_dict()}
-    return {"features": UpstreamArtifact(key=ce.key, spec=doc, state_dict=model.state_dict())}
+    art = UpstreamArtifact(key=ce.key, spec=doc, state_dict=model.state_dict())
+    # "features" feeds crt / lws; "teacher0" feeds cbd_student (each reads only its own names)
+    return {"features": art, "teacher0": art}
 
 
 def _spec_for(kind: str) -> StageSpec:
     if kind == "ce":
         return tiny_ce()
+    if kind == "cbd_teacher":
+        return StageSpec(
+            kind=kind, data=TINY, train=tiny_ce().train, params={"backbone": "resnet8"}
+        )
+    if kind == "cbd_student":
+        train = tiny_crt(tiny_ce()).train  # class-balanced, as CBD's student
+        params = {"backbone": "resnet8"}
+        return StageSpec(
+            kind=kind, data=TINY, train=train, params=params, inputs={"teacher0": tiny_ce()}
+        )
     return tiny_crt(tiny_ce(), kind=kind)
 
 

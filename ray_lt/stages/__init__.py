@@ -1,6 +1,9 @@
 """Stage objectives, one module per method, each registered by explicit name in ``OBJECTIVES``."""
 
 from ray_lt.objective import OBJECTIVES
-from ray_lt.stages import baseline  # noqa: F401  (registers ce, crt, lws)
+from ray_lt.stages import (
+    baseline,  # noqa: F401  (registers ce, crt, lws)
+    cbd,  # noqa: F401  (registers cbd_teacher, cbd_student)
+)
 
 __all__ = ["OBJECTIVES"]

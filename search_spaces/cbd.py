@@ -1,0 +1,39 @@
+"""CBD search spaces: teacher subsets of a named pool, distillation weights, projection width.
+
+A subset is one string, the teacher names joined by "+" ("vanilla1+data_aug2"), so Optuna can
+search it as a plain categorical and MLflow and the report show it as one readable value.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from ray import tune
+
+from ray_lt.recipes import TEACHER_POOL, parse_teacher
+
+
+def teacher_subsets(pool: Sequence[str] = TEACHER_POOL, min_size: int = 1) -> list[str]:
+    """Every subset of ``pool`` with at least ``min_size`` teachers, smallest first."""
+    for name in pool:
+        parse_teacher(name)  # unknown names fail here, with the list of valid ones
+    return [
+        "+".join(combo)
+        for size in range(min_size, len(pool) + 1)
+        for combo in itertools.combinations(pool, size)
+    ]
+
+
+def teachers(pool: Sequence[str] = TEACHER_POOL, *, grid: bool = False) -> Any:
+    """The subset choice: a grid over every subset, or a categorical Optuna can search."""
+    subsets = teacher_subsets(pool)
+    return tune.grid_search(subsets) if grid else tune.choice(subsets)
+
+
+def distillation(
+    alphas: Sequence[float] = (0.2, 0.4, 0.6), betas: Sequence[float] = (40.0, 100.0)
+) -> dict[str, Any]:
+    """alpha (CE weight 1 - alpha) and beta (cosine-distance multiplier) as categoricals."""
+    return {"alpha": tune.choice(list(alphas)), "beta": tune.choice(list(betas))}
