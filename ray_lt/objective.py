@@ -62,7 +62,12 @@ class Batch:
 
 
 class Objective(Protocol):
-    """A registered stage kind. ``version`` enters the stage key: bump it when results change."""
+    """A registered stage kind. ``version`` enters the stage key: bump it when results change.
+
+    An objective may also define ``validate(params, spec)``, which the sweep calls on the driver
+    before any trial runs (cheap checks of its inputs), and ``predict(params, model, x)`` when
+    evaluation needs other logits than ``model(x)``.
+    """
 
     version: ClassVar[str]
     Params: ClassVar[type]

@@ -139,7 +139,10 @@ def check_pipeline(exp: Experiment, data_root: str | None) -> list[StageSpec]:
         )
     stages = walk(final)
     for spec in stages:
-        params = parse_params(get_objective(spec.kind), spec)
+        objective = get_objective(spec.kind)
+        params = parse_params(objective, spec)
+        if hasattr(objective, "validate"):
+            objective.validate(params, spec)
         DATASETS.get(spec.data.name)
         for attr, registry in (("backbone", BACKBONES), ("head", HEADS)):
             if hasattr(params, attr):

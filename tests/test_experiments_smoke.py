@@ -59,3 +59,19 @@ def test_ce_crt_cifar100_lt_smoke(tmp_path):
     ce = store.open(next(k for k in store.keys() if k.startswith("ce-")))
     assert ce.table("test").num_rows == 10_000
     assert sum(ce.table("per_class")["train_count"].to_pylist()) == 10_847
+
+
+def test_cbd_smoke(tmp_path):
+    out = _smoke("experiments/cbd.py", tmp_path)
+    assert "alpha=0" in out and "alpha=0.4" in out
+    keys = ArtifactStore(tmp_path / "ray_lt_store").keys()
+    assert sum(k.startswith("cbd_teacher-") for k in keys) == 1
+
+
+def test_cbd_ens_smoke(tmp_path):
+    out = _smoke("experiments/cbd_ens.py", tmp_path)
+    # the ablation rows: a CE baseline, no distillation, one teacher, two teachers
+    assert "method=ce" in out and "teachers=vanilla1+data_aug1" in out
+    keys = ArtifactStore(tmp_path / "ray_lt_store").keys()
+    assert sum(k.startswith("cbd_teacher-") for k in keys) == 2
+    assert sum(k.startswith("cbd_student-") for k in keys) == 3

@@ -23,8 +23,9 @@ from torch import nn
 
 from ray_lt.data import augment_batch
 from ray_lt.errors import ConfigError
-from ray_lt.models import CosineHead, create_model, freeze
+from ray_lt.models import BACKBONES, CosineHead, create_model, freeze
 from ray_lt.objective import OBJECTIVES, Batch, StageContext, UpstreamArtifact
+from ray_lt.spec import StageSpec
 
 TEACHER_AUGMENTS = ("vanilla", "data_aug")
 TEACHER_INPUT = re.compile(r"teacher(0|[1-9][0-9]*)")
@@ -246,6 +247,31 @@ class CBDStudent:
 
     version = "1"
     Params = CBDStudentParams
+
+    def validate(self, params: CBDStudentParams, spec: StageSpec) -> None:
+        """Driver-side checks before any trial runs: names, count and widths of the teachers."""
+        names = [n for n, _ in spec.inputs]
+        bad = [n for n in names if not TEACHER_INPUT.fullmatch(n)]
+        if bad:
+            raise ConfigError(
+                f"cbd_student inputs must be named teacher0, teacher1, ...; got {bad}"
+            )
+        if params.alpha > 0 and not names:
+            raise ConfigError(
+                f"cbd_student has an empty teacher list with alpha={params.alpha}; name at "
+                "least one teacher (e.g. teachers='vanilla1') or set alpha=0"
+            )
+        widths = {}
+        for name, up in spec.inputs:
+            p = up.param_dict
+            backbone = BACKBONES.get(p.get("backbone", "resnet32"))(**p.get("backbone_kwargs", {}))
+            widths[name] = int(backbone.feature_dim)
+        if len(set(widths.values())) > 1:
+            listed = ", ".join(f"{n}={w}" for n, w in widths.items())
+            raise ConfigError(
+                f"cbd_student teachers must share one feature width; got {listed}; "
+                "use teachers with backbones of the same width"
+            )
 
     def build(self, params: CBDStudentParams, ctx: StageContext) -> nn.Module:
         names = teacher_names(ctx)
