@@ -122,6 +122,8 @@ def cbd(
     student_train: TrainSpec = CIFAR_CBD_STUDENT,
     backbone: str = "resnet32",
     scale: float = 16.0,
+    proj_dim: int | None = None,
+    use_projection: bool = True,
 ) -> StageSpec:
     """A CBD student over the named teachers ("vanilla1+vanilla2", or a list); alpha=0 is
     class-balanced training from scratch and takes no teachers."""
@@ -139,7 +141,14 @@ def cbd(
         name="student",
         data=data,
         train=student_train.replace(seed=seed),
-        params={"backbone": backbone, "alpha": alpha, "beta": beta, "scale": scale},
+        params={
+            "backbone": backbone,
+            "alpha": alpha,
+            "beta": beta,
+            "scale": scale,
+            **({"proj_dim": proj_dim} if proj_dim is not None else {}),
+            **({} if use_projection else {"use_projection": False}),
+        },
         inputs=inputs,
     )
 

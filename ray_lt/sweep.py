@@ -277,6 +277,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     }
+    # Stages evaluate every ``eval_every`` epochs, so some reports carry no metric; ASHA skips
+    # those, and Tune's strict check would fail the trial on them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    env["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_LT_")})
     if data_root:
         env["RAY_LT_DATA"] = data_root

@@ -37,3 +37,18 @@ def distillation(
 ) -> dict[str, Any]:
     """alpha (CE weight 1 - alpha) and beta (cosine-distance multiplier) as categoricals."""
     return {"alpha": tune.choice(list(alphas)), "beta": tune.choice(list(betas))}
+
+
+def projection(widths: Sequence[int | None] = (None, 128, 256)) -> dict[str, Any]:
+    """Student projection width (``None``: the teachers' concatenated width, as in the paper).
+
+    With distillation (alpha > 0) the width must equal the concatenated teacher width, so widths
+    other than None suit class-balanced training from scratch (alpha = 0) or a matching teacher
+    set; any other combination stops the sweep before it starts, naming the width to use.
+    """
+    return {"proj_dim": tune.choice(list(widths))}
+
+
+def seeds(n: int = 3, first: int = 0) -> tuple[int, ...]:
+    """Seeds for ``Experiment(seeds=...)``: the student's seed; teachers carry their own."""
+    return tuple(range(first, first + n))

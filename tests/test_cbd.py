@@ -14,7 +14,7 @@ from ray_lt.artifacts import ArtifactStore
 from ray_lt.errors import ConfigError
 from ray_lt.recipes import cbd, parse_teacher, split_teachers
 from ray_lt.spec import walk
-from search_spaces.cbd import teacher_subsets, teachers
+from search_spaces.cbd import projection, seeds, teacher_subsets, teachers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +101,16 @@ def test_thirty_trials_train_four_teachers(tmp_path):
         max_results=1000,
     )
     assert len(finished) == 30
+
+
+def test_projection_width_reaches_the_student_and_is_checked():
+    from ray_lt.objective import get_objective, parse_params
+
+    assert projection()["proj_dim"].categories == [None, 128, 256]
+    wide = cbd("", seed=0, alpha=0.0, proj_dim=256)
+    assert wide.param_dict["proj_dim"] == 256 and wide.key != cbd("", seed=0, alpha=0.0).key
+    bad = cbd("vanilla1", seed=0, proj_dim=256)
+    objective = get_objective("cbd_student")
+    with pytest.raises(ConfigError, match="proj_dim=256 must equal .* width 64"):
+        objective.validate(parse_params(objective, bad), bad)
+    assert seeds(3) == (0, 1, 2)

@@ -272,6 +272,12 @@ class CBDStudent:
                 f"cbd_student teachers must share one feature width; got {listed}; "
                 "use teachers with backbones of the same width"
             )
+        target = sum(widths.values())
+        if params.alpha > 0 and params.use_projection and params.proj_dim not in (None, target):
+            raise ConfigError(
+                f"cbd_student proj_dim={params.proj_dim} must equal the teachers' concatenated "
+                f"width {target} when alpha > 0; set proj_dim={target} or leave it None"
+            )
 
     def build(self, params: CBDStudentParams, ctx: StageContext) -> nn.Module:
         names = teacher_names(ctx)
