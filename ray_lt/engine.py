@@ -32,6 +32,7 @@ from torch import nn
 
 from ray_lt.data import augment_batch, draw_epoch, normalize_batch
 from ray_lt.data.spec import LTDataset, Split
+from ray_lt.errors import ConfigError
 from ray_lt.metrics import GROUP_NAMES, per_class_accuracy, shot_accuracy, shot_groups
 from ray_lt.objective import Batch, Objective, StageContext, UpstreamArtifact, parse_params
 from ray_lt.spec import StageSpec, TrainSpec
@@ -149,18 +150,63 @@ def lr_at(train: TrainSpec, epoch: float) -> float:
     return train.lr
 
 
+BATCH_STATS_ATTR = "update_batch_stats"
+
+
 def _set_train_mode(model: nn.Module) -> None:
-    """Train mode, except modules whose parameters are all frozen: they keep eval statistics."""
+    """Train mode, except modules whose parameters are all frozen: they keep eval statistics.
+
+    A module an objective marks with ``update_batch_stats = True`` stays in train mode with
+    everything below it, frozen or not: MoCo's key encoder, or the original code's quirk of
+    re-estimating a frozen encoder's BatchNorm statistics, as a named option.
+    """
     model.train()
+    keep: set[int] = set()
+    for module in model.modules():
+        if getattr(module, BATCH_STATS_ATTR, False):
+            keep.update(id(m) for m in module.modules())
     for module in model.modules():
         params = list(module.parameters(recurse=False))
-        if params and not any(p.requires_grad for p in params):
+        if params and not any(p.requires_grad for p in params) and id(module) not in keep:
             module.eval()
 
 
+HEAD_PREFIX = "logits_"  # an extra output named logits_<head> is scored as metrics <head>_*
+
+
+@dataclass
+class SplitOutputs:
+    """A split's evaluation: primary logits, features and the objective's extra outputs.
+
+    Extras are exported as table columns; those named ``logits_<head>`` are further heads over
+    the same classes (SSD-LT's soft head), scored beside the primary one as ``<head>_overall``...
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def _predict(objective: Objective, params: Any, model: nn.Module, x: torch.Tensor):
+    """``(features, logits, extras)``; ``predict`` may return the pair or the triple."""
     predict = getattr(objective, "predict", None)
-    return predict(params, model, x) if predict else model(x)
+    out = predict(params, model, x) if predict else model(x)
+    return (out[0], out[1], dict(out[2])) if len(out) == 3 else (out[0], out[1], {})
+
+
+def _inputs(
+    raw: torch.Tensor, data: LTDataset, train: TrainSpec, device: torch.device, gen=None
+) -> torch.Tensor:
+    """The model's input batch: augmented (training) or normalised images, or float rows as is."""
+    if raw.dtype != torch.uint8:  # precomputed features / logits: nothing to augment
+        return raw
+    if gen is None:
+        x = normalize_batch(raw, data.mean, data.std)
+    else:
+        x = augment_batch(train.augment, raw, gen, data.mean, data.std)
+    if device.type == "cuda" and train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 @torch.no_grad()
@@ -173,19 +219,23 @@ def evaluate(
     data: LTDataset,
     train: TrainSpec,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and features of a whole split (float32, on the CPU), without augmentation."""
+) -> SplitOutputs:
+    """Logits, features and extras of a whole split (float32, on the CPU), no augmentation."""
     model.eval()
-    logits, feats = [], []
+    logits, feats, extras = [], [], {}
     for start in range(0, len(split.labels), EVAL_BATCH):
-        x = normalize_batch(images[start : start + EVAL_BATCH], data.mean, data.std)
-        if device.type == "cuda" and train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _inputs(images[start : start + EVAL_BATCH], data, train, device)
         with torch.autocast(device.type, torch.bfloat16, enabled=_amp(train, device)):
-            f, z = _predict(objective, params, model, x)
+            f, z, more = _predict(objective, params, model, x)
         logits.append(z.float().cpu())
         feats.append(f.float().cpu())
-    return torch.cat(logits), torch.cat(feats)
+        for name, value in more.items():
+            extras.setdefault(name, []).append(value.float().cpu())
+    if not logits:
+        return SplitOutputs(torch.zeros(0, data.num_classes), torch.zeros(0, 0))
+    return SplitOutputs(
+        torch.cat(logits), torch.cat(feats), {k: torch.cat(v) for k, v in extras.items()}
+    )
 
 
 def _amp(train: TrainSpec, device: torch.device) -> bool:
@@ -198,18 +248,66 @@ def _eval_metrics(logits: torch.Tensor, split: Split, counts: np.ndarray) -> dic
         return shot_accuracy(logits.argmax(1).numpy(), split.labels, counts)
 
 
+def split_metrics(out: SplitOutputs, split: Split, counts: np.ndarray) -> dict[str, float]:
+    """Shot-group accuracies of the primary logits and of every ``logits_<head>`` extra."""
+    metrics = _eval_metrics(out.logits, split, counts)
+    for name, value in out.extras.items():
+        if name.startswith(HEAD_PREFIX):
+            head = name[len(HEAD_PREFIX) :]
+            scored = _eval_metrics(value, split, counts)
+            metrics.update({f"{head}_{k}": v for k, v in scored.items()})
+    return metrics
+
+
+def prepare_data(
+    objective: Objective,
+    params: Any,
+    data: LTDataset,
+    inputs: Mapping[str, UpstreamArtifact],
+) -> LTDataset:
+    """The data the stage trains and evaluates on: the objective's view of it, or the dataset.
+
+    An objective may define ``prepare_data(params, data, inputs)`` to train on a subset with its
+    own labels (CBE's experts and their open class) or on precomputed float rows read from its
+    upstream tables (CBE's calibration on logits).
+    """
+    prepare = getattr(objective, "prepare_data", None)
+    return prepare(params, data, inputs) if prepare else data
+
+
+def _selects_best(train: TrainSpec) -> bool:
+    return train.select == "best" or train.patience > 0
+
+
+def _score(metrics: dict[str, float], train: TrainSpec) -> float:
+    value = metrics.get(train.select_metric)
+    if value is None or not math.isfinite(value):
+        raise ConfigError(
+            f"model selection needs '{train.select_metric}' every epoch, got {value!r} (known: "
+            f"{sorted(metrics)}); set select_metric to one of them, or select='last', patience=0"
+        )
+    return float(value)
+
+
 def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
     """Train one stage to the end (or to a non-finite loss) and export it from rank 0.
 
     Returns a summary: ``status`` ("ok" or "nonfinite"), ``start_epoch`` (0, or the epoch a
-    checkpoint resumed at), the final test metrics and, on rank 0, ``out_dir``.
+    checkpoint resumed at), the final test metrics and, on rank 0, ``out_dir``. With
+    ``select="best"`` (or ``patience``) the exported model is the best epoch's by
+    ``select_metric``, and training stops after ``patience`` epochs without a gain.
     """
     spec, train, device = run.spec, run.spec.train, session.device
     params = parse_params(run.objective, spec)
     torch.manual_seed(train.seed)
-    data = run.data
+    data = prepare_data(run.objective, params, run.data, run.inputs)
     images = _tensor(data.train.images, device)
     labels = _tensor(data.train.labels, device)
+    if images.dtype != torch.uint8 and train.augment != "none":
+        raise ConfigError(
+            f"stage {spec.name}: its inputs are precomputed float rows, which cannot be "
+            f"augmented with '{train.augment}'; set augment='none' in its TrainSpec"
+        )
     split_images = {
         "test": _tensor(data.test.images, device),
         "val": _tensor(data.val.images, device),
@@ -223,11 +321,11 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
         class_counts=torch.as_tensor(counts, device=device),
     )
     model = run.objective.build(params, ctx).to(device)
-    if device.type == "cuda" and train.channels_last:
+    if device.type == "cuda" and train.channels_last and images.ndim == 4:
         model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
-        trainable,
+        trainable or [torch.zeros(1, requires_grad=True)],  # epochs=0 stages train nothing
         lr=train.lr,
         momentum=train.momentum,
         nesterov=train.nesterov,
@@ -235,20 +333,30 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
     )
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    best: dict[str, Any] = {"score": -math.inf, "epoch": 0, "state": None}
     state = session.last_checkpoint()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         history = json.loads(state["history"])
+        if "best_state" in state:
+            best = {
+                "score": float(state["best_score"]),
+                "epoch": int(state["best_epoch"]),
+                "state": state["best_state"],
+            }
     wrapped = session.wrap_model(model)
     rank, world = session.world_rank, session.world_size
     per_rank_batch = max(train.batch_size // world, 1)
+    eval_every = 1 if _selects_best(train) else train.eval_every
     last_eval: dict[str, float] = {}
-    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    outputs: dict[str, SplitOutputs] | None = None
     last = False
     status = "ok"
     for epoch in range(start_epoch, train.epochs):
+        if train.patience and epoch - best["epoch"] >= train.patience and best["epoch"]:
+            break  # resumed after the patience ran out
         if (
             run.fail_at_epoch == epoch
             and run.fault_marker
@@ -276,9 +384,7 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
         for step in range(steps):
             idx = order[step * per_rank_batch : (step + 1) * per_rank_batch]
             raw = images[idx]
-            x = augment_batch(train.augment, raw, gen, data.mean, data.std)
-            if device.type == "cuda" and train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = _inputs(raw, data, train, device, gen)
             batch = Batch(x=x, y=labels[idx], index=idx, raw=raw, generator=gen)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(train, epoch + step / steps)
@@ -298,13 +404,23 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
             history.append({"epoch": epoch + 1, **epoch_loss, "status": status})
             break
         last = epoch + 1 == train.epochs
-        if rank == 0 and (last or (epoch + 1) % train.eval_every == 0):
-            outputs = evaluate_splits(run, params, model, split_images, device)
+        if rank == 0 and (last or (epoch + 1) % eval_every == 0):
+            outputs = evaluate_splits(run, params, model, split_images, device, data)
             last_eval = {}
-            for name, (logits, _) in outputs.items():
-                split_metrics = _eval_metrics(logits, getattr(data, name), counts)
+            for name, out in outputs.items():
                 prefix = "" if name == "test" else f"{name}_"
-                last_eval.update({f"{prefix}{k}": v for k, v in split_metrics.items()})
+                metrics_ = split_metrics(out, getattr(data, name), counts)
+                last_eval.update({f"{prefix}{k}": v for k, v in metrics_.items()})
+        stop = False
+        if _selects_best(train) and rank == 0:
+            score = _score(last_eval, train)
+            if score > best["score"]:
+                best = {"score": score, "epoch": epoch + 1, "state": _cpu_state(model)}
+            stop = bool(train.patience) and epoch + 1 - best["epoch"] >= train.patience
+        if _selects_best(train) and world > 1:  # rank 0 decides; every rank stops together
+            flag = torch.tensor([float(stop)], device=device)
+            torch.distributed.broadcast(flag, src=0)
+            stop = bool(flag.item())
         metrics = {
             "epoch": epoch + 1,
             "progress": run.progress_offset + epoch + 1,
@@ -314,26 +430,43 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
             "images_per_s": len(order) * world / max(seconds, 1e-9),
             **last_eval,
         }
+        if _selects_best(train):
+            metrics["best_epoch"] = best["epoch"]
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1,
-                        "history": json.dumps(history),
-                    },
-                    Path(tmp) / STATE_FILE,
-                )
+                checkpoint = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": json.dumps(history),
+                }
+                if best["state"] is not None:
+                    checkpoint.update(
+                        best_state=best["state"],
+                        best_score=torch.tensor(best["score"], dtype=torch.float64),
+                        best_epoch=best["epoch"],
+                    )
+                torch.save(checkpoint, Path(tmp) / STATE_FILE)
             session.report(metrics, tmp if rank == 0 else None)
+        if stop:
+            break
     summary: dict[str, Any] = {"status": status, "start_epoch": start_epoch, "history": history}
     if status == "ok" and rank == 0 and run.out_dir:
-        if outputs is None or not last:  # resumed after the last epoch: evaluate once more
-            outputs = evaluate_splits(run, params, model, split_images, device)
-        summary.update(export(run, model, outputs, history, start_epoch))
+        if best["state"] is not None:  # export the selected epoch, not the last one
+            model.load_state_dict(best["state"])
+            outputs = None
+        if outputs is None or not last:  # resumed after the last epoch, or a selected epoch
+            outputs = evaluate_splits(run, params, model, split_images, device, data)
+        summary.update(
+            export(run, model, outputs, history, start_epoch, data, params, ctx, best["epoch"])
+        )
         summary["out_dir"] = run.out_dir
     return summary
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -351,81 +484,102 @@ def evaluate_splits(
     model: nn.Module,
     split_images: Mapping[str, torch.Tensor],
     device: torch.device,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(logits, features) of the test split and, when it has images, the validation split."""
+    data: LTDataset,
+) -> dict[str, SplitOutputs]:
+    """Outputs of the test split and, when it has images, the validation split."""
     out = {}
     for name in ("test", "val"):
-        split = getattr(run.data, name)
-        if len(split.labels):
+        split = getattr(data, name)
+        if len(split.labels) or name == "test":
             out[name] = evaluate(
                 run.objective,
                 params,
                 model,
                 split,
                 split_images[name],
-                run.data,
+                data,
                 run.spec.train,
                 device,
             )
     return out
 
 
-def _table(split: Split, logits: torch.Tensor, feats: torch.Tensor | None) -> pa.Table:
+def _table(split: Split, out: SplitOutputs, with_features: bool) -> pa.Table:
     columns = {
         "index": pa.array(np.arange(len(split.labels), dtype=np.int64)),
         "source_index": pa.array(split.source_index.astype(np.int64)),
         "label": pa.array(split.labels.astype(np.int64)),
-        "logits": _fixed_list(logits),
+        "logits": _fixed_list(out.logits),
     }
-    if feats is not None:
-        columns["features"] = _fixed_list(feats)
+    if with_features:
+        columns["features"] = _fixed_list(out.features)
+    for name, value in out.extras.items():
+        columns[name] = _fixed_list(value)
     return pa.table(columns)
 
 
 def _fixed_list(x: torch.Tensor) -> pa.FixedSizeListArray:
     flat = pa.array(x.numpy().astype(np.float32).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
+    return pa.FixedSizeListArray.from_arrays(flat, x.shape[1] if x.ndim > 1 else 1)
 
 
 def export(
     run: StageRun,
     model: nn.Module,
-    outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    outputs: Mapping[str, SplitOutputs],
     history: list[dict],
     start_epoch: int,
+    data: LTDataset,
+    params: Any = None,
+    ctx: StageContext | None = None,
+    selected_epoch: int = 0,
 ) -> dict[str, Any]:
-    """Write model.safetensors, tables/*.parquet, metrics.json and spec.json into out_dir."""
+    """Write model.safetensors, tables/*.parquet, metrics.json and spec.json into out_dir.
+
+    An objective may add tables of its own with ``export_tables(params, model, ctx)`` (e.g.
+    CBE's class masks); they land in ``tables/`` beside the per-sample ones.
+    """
     out = Path(run.out_dir)
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    data, train, counts = run.data, run.spec.train, run.data.class_counts
+    train, counts = run.spec.train, data.class_counts
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(out / "model.safetensors"))
     results: dict[str, Any] = {}
-    for name, (logits, feats) in outputs.items():
+    for name, split_out in outputs.items():
         split = getattr(data, name)
         pq.write_table(
-            _table(split, logits, feats if train.export_features else None),
-            out / "tables" / f"{name}.parquet",
+            _table(split, split_out, train.export_features), out / "tables" / f"{name}.parquet"
         )
-        results[name] = _eval_metrics(logits, split, counts)
-    test_logits = outputs["test"][0]
-    acc = per_class_accuracy(test_logits.argmax(1).numpy(), data.test.labels, data.num_classes)
-    pq.write_table(
-        pa.table(
-            {
-                "class": pa.array(np.arange(data.num_classes, dtype=np.int64)),
-                "train_count": pa.array(np.asarray(counts, dtype=np.int64)),
-                "group": pa.array([GROUP_NAMES[g] for g in shot_groups(counts)]),
-                "accuracy": pa.array(acc.astype(np.float64)),
-            }
-        ),
-        out / "tables" / "per_class.parquet",
-    )
+        results[name] = split_metrics(split_out, split, counts)
+    test = outputs["test"]
+    per_class = {
+        "class": pa.array(np.arange(data.num_classes, dtype=np.int64)),
+        "train_count": pa.array(np.asarray(counts, dtype=np.int64)),
+        "group": pa.array([GROUP_NAMES[g] for g in shot_groups(counts)]),
+        "accuracy": pa.array(_class_acc(test.logits, data).astype(np.float64)),
+    }
+    for name, value in test.extras.items():
+        if name.startswith(HEAD_PREFIX):
+            head = name[len(HEAD_PREFIX) :]
+            per_class[f"accuracy_{head}"] = pa.array(_class_acc(value, data).astype(np.float64))
+    pq.write_table(pa.table(per_class), out / "tables" / "per_class.parquet")
+    more = getattr(run.objective, "export_tables", None)
+    if more is not None:
+        for name, table in more(params, model, ctx).items():
+            pq.write_table(table, out / "tables" / f"{name}.parquet")
     metrics = {**results, "start_epoch": start_epoch, "history": history}
+    if selected_epoch:
+        metrics["selected_epoch"] = selected_epoch
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
     spec_doc = {"key": run.spec.key, "spec": run.spec.to_dict(), "versions": _versions()}
     (out / "spec.json").write_text(json.dumps(spec_doc, indent=1, default=_json_default))
     return {"test": results.get("test", {}), "val": results.get("val", {})}
+
+
+def _class_acc(logits: torch.Tensor, data: LTDataset) -> np.ndarray:
+    with warnings.catch_warnings():  # a class without test images is NaN by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return per_class_accuracy(logits.argmax(1).numpy(), data.test.labels, data.num_classes)
 
 
 def _json_default(value: Any) -> Any:

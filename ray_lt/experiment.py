@@ -45,6 +45,8 @@ class Experiment:
         tracking_uri: MLflow tracking URI; --tracking-uri overrides it.
         data_root: dataset root; --data-root and $RAY_LT_DATA override it.
         smoke: a smaller variant for CPUs and CI, run with --smoke.
+        report_metrics: the report's columns (test-split metrics of each trial's final stage),
+            e.g. add ``soft_overall`` for a second head; ``--metrics`` overrides them.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Experiment:
     data_root: str | None = None
     smoke: Experiment | None = None
     description: str = ""
+    report_metrics: tuple[str, ...] = ("many", "medium", "few", "overall")
 
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:

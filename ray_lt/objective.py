@@ -64,9 +64,16 @@ class Batch:
 class Objective(Protocol):
     """A registered stage kind. ``version`` enters the stage key: bump it when results change.
 
-    An objective may also define ``validate(params, spec)``, which the sweep calls on the driver
-    before any trial runs (cheap checks of its inputs), and ``predict(params, model, x)`` when
-    evaluation needs other logits than ``model(x)``.
+    Optional members, each used by the engine or the sweep when present:
+
+    - ``validate(params, spec)``: cheap checks the sweep runs on the driver before any trial.
+    - ``predict(params, model, x)``: evaluation outputs other than ``model(x)``; it may return
+      ``(features, logits, extras)`` where ``extras`` maps a name to a ``[N, ...]`` tensor,
+      exported as a table column; ``logits_<head>`` extras are scored as ``<head>_overall``...
+    - ``prepare_data(params, data, inputs) -> LTDataset``: the view of the dataset the stage
+      trains and evaluates on (a class subset with new labels, or float rows of upstream logits).
+    - ``export_tables(params, model, ctx) -> dict[str, pyarrow.Table]``: extra artifact tables.
+    - ``in_trial = True``: a cheap CPU stage run in the trial's process, not a Ray Train fit.
     """
 
     version: ClassVar[str]

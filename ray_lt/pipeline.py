@@ -84,7 +84,7 @@ def ensure_stage(
         found = store.lookup(key)  # finished by another trial while we took the lock
         if found is not None:
             return StageOutcome(spec, found, reused=True)
-        if ctx.in_process:
+        if ctx.in_process or _in_trial(spec):
             train_stage_in_process(spec, store, ctx)
         else:
             train_stage(spec, store, ctx, report_to_tune=ctx.report_to_tune and is_final)
@@ -94,6 +94,13 @@ def ensure_stage(
         return StageOutcome(spec, artifact, reused=False)
     finally:
         lock.release()
+
+
+def _in_trial(spec: StageSpec) -> bool:
+    """Cheap CPU stages (an objective with ``in_trial = True``) run in the trial's process."""
+    from ray_lt.objective import get_objective
+
+    return bool(getattr(get_objective(spec.kind), "in_trial", False))
 
 
 def _fault_for(spec: StageSpec) -> int | None:
@@ -213,7 +220,11 @@ def upstream(store: ArtifactStore, inputs: dict[str, str]) -> dict[str, Any]:
 
 
 def train_stage_in_process(spec: StageSpec, store: ArtifactStore, ctx: TrialContext) -> None:
-    """The same engine and objective in this process (no Ray): checkpoints under _train/<key>."""
+    """The same engine and objective in this process (no Ray): checkpoints under _train/<key>.
+
+    Used for ``TrialContext.in_process`` (benchmarks, debugging) and for ``in_trial`` objectives
+    (CBE's calibration), which are cheap and CPU-only by contract.
+    """
     from ray_lt.data import load_dataset
     from ray_lt.engine import LocalSession, StageRun, run_stage
     from ray_lt.objective import get_objective
@@ -229,7 +240,8 @@ def train_stage_in_process(spec: StageSpec, store: ArtifactStore, ctx: TrialCont
         inputs=upstream(store, {n: up.key for n, up in spec.inputs}),
         out_dir=out_dir,
     )
-    session = LocalSession(ctx.in_process, checkpoint_dir=os.path.join(train_dir, spec.key))
+    device = ctx.in_process or "cpu"  # in_trial stages: cheap by contract, no GPU needed
+    session = LocalSession(device, checkpoint_dir=os.path.join(train_dir, spec.key))
     try:
         summary = run_stage(run, session)
         _raise_if_nonfinite(spec, summary)

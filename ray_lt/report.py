@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: reports/<experiment name>)")
     p.add_argument(
         "--metrics",
-        default=",".join(DEFAULT_METRICS),
-        help="comma-separated columns (default: many,medium,few,overall)",
+        default=None,
+        help="comma-separated columns (default: the experiment's report_metrics, "
+        f"usually {','.join(DEFAULT_METRICS)})",
     )
     args = p.parse_args(argv)
     try:
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             uri,
             exp.name,
             args.out or f"reports/{exp.name}",
-            metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+            metrics=[m.strip() for m in args.metrics.split(",") if m.strip()]
+            if args.metrics
+            else list(exp.report_metrics),
             smoke=args.smoke,
         )
     except RayLtError as err:

@@ -59,12 +59,23 @@ class TrainSpec:
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
     channels_last: bool = True  # on CUDA
     export_features: bool = True  # features beside logits in the exported tables
+    # Model selection: "last" epoch (the methods' protocol) or the "best" epoch by
+    # ``select_metric`` (evaluated every epoch); ``patience`` > 0 stops after that many epochs
+    # without a gain in ``select_metric`` (CBE's experts and calibration).
+    select: str = "last"
+    select_metric: str = "val_overall"
+    patience: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
+        if self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(
-                f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1"
+                f"epochs ({self.epochs}) must be >= 0 (0: evaluate and export only) and "
+                f"batch_size ({self.batch_size}) >= 1"
             )
+        if self.select not in ("last", "best"):
+            raise ConfigError(f"unknown select '{self.select}'; use 'last' or 'best'")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0 (0: off), got {self.patience}")
         if self.schedule not in ("step", "cosine", "constant"):
             raise ConfigError(f"unknown schedule '{self.schedule}'; known: constant, cosine, step")
         if not self.lr > 0:
@@ -76,6 +87,10 @@ class TrainSpec:
         """A copy with some fields changed (unknown names are an error)."""
         _check_keys(TrainSpec, changes)
         return dataclasses.replace(self, **changes)
+
+
+# TrainSpec fields added after stores existed: hashed into a key only when not at the default.
+_LATER_TRAIN_FIELDS = {"select": "last", "select_metric": "val_overall", "patience": 0}
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,9 @@ class StageSpec:
     def config(self) -> dict[str, Any]:
         """The part of the spec that decides the result (hashed into the key)."""
         train = dataclasses.asdict(self.train)
+        for name, default in _LATER_TRAIN_FIELDS.items():
+            if train[name] == default:  # keys of stages that never set them stay as they were
+                del train[name]
         train["milestones"] = list(self.train.milestones)
         train["sampler_params"] = dict(self.train.sampler_params)
         return {"data": self.data.to_dict(), "train": train, "params": self.param_dict}

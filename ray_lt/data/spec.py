@@ -94,7 +94,11 @@ class DataSpec:
 
 @dataclass
 class Split:
-    """One split: uint8 NCHW images, int64 labels and each image's row in its source file."""
+    """One split: uint8 NCHW images, int64 labels and each image's row in its source file.
+
+    ``images`` may instead be float32 rows ``[N, ...]`` (precomputed features or logits): the
+    engine then feeds them to the model as they are, with no augmentation or normalisation.
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -102,8 +106,11 @@ class Split:
 
     def __post_init__(self) -> None:
         n = len(self.labels)
-        assert self.images.dtype == np.uint8 and self.images.ndim == 4, self.images.shape
-        assert self.images.shape[0] == n and self.images.shape[1] == 3, self.images.shape
+        if self.images.dtype == np.uint8:
+            assert self.images.ndim == 4 and self.images.shape[1] == 3, self.images.shape
+        else:  # precomputed float inputs (features or logits, e.g. CBE's calibration)
+            assert self.images.dtype == np.float32 and self.images.ndim >= 2, self.images.dtype
+        assert self.images.shape[0] == n, (self.images.shape, n)
         assert self.images.flags.c_contiguous
         assert self.labels.dtype == np.int64 and self.source_index.dtype == np.int64
         assert self.source_index.shape == (n,), (self.source_index.shape, n)

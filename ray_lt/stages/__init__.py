@@ -4,6 +4,8 @@ from ray_lt.objective import OBJECTIVES
 from ray_lt.stages import (
     baseline,  # noqa: F401  (registers ce, crt, lws)
     cbd,  # noqa: F401  (registers cbd_teacher, cbd_student)
+    cbe,  # noqa: F401  (registers cbe_expert, cbe_logits, cbe_calibrate)
+    ssd_lt,  # noqa: F401  (registers ssd_feature, ssd_distill)
 )
 
 __all__ = ["OBJECTIVES"]

@@ -1,0 +1,1 @@
+"""Class-balanced experts (Sharma et al., GCPR 2020): expert, logits, calibration stages."""
