@@ -6,9 +6,11 @@ process (``TrialContext(in_process=device)``). Stages already in the store are r
 processes that share a store (several seeds, teachers first) never train a stage twice. Several
 processes share one GPU.
 
-Targets: ``ce``, ``crt``, ``lws``, ``teacher:<name>`` (a CBD teacher, e.g. ``teacher:vanilla1``)
-and ``cbd:<teachers>:<alpha>`` (a CBD student, e.g. ``cbd:vanilla1+vanilla2:0.4``; ``cbd::0``
-is class-balanced training from scratch).
+Targets: ``ce``, ``crt``, ``lws``, ``teacher:<name>`` (a CBD teacher, e.g. ``teacher:vanilla1``),
+``cbd:<teachers>:<alpha>`` (a CBD student, e.g. ``cbd:vanilla1+vanilla2:0.4``; ``cbd::0``
+is class-balanced training from scratch), ``ssd[:k=v,...]`` (SSD-LT's final stage from
+``ray_lt.recipes.ssd_lt.ssd_lt``, e.g. ``ssd:finetune=True``) and ``cbe[:k=v,...]`` (CBE's
+calibration from ``ray_lt.recipes.cbe.cbe``, e.g. ``cbe:calibration='prior'``).
 
     python bench/cifar_run.py --seed 0 --device cuda --data-root DATA --store S ce crt lws
 """
@@ -16,12 +18,22 @@ is class-balanced training from scratch).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import time
 
 from ray_lt.pipeline import TrialContext, run_pipeline
 from ray_lt.recipes import BASELINES, baseline, cbd, cbd_teacher
 from ray_lt.spec import StageSpec
+
+
+def _kwargs(text: str) -> dict:
+    """``a=1,b='x'`` -> {"a": 1, "b": "x"} (Python literals)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        out[name.strip()] = ast.literal_eval(value.strip())
+    return out
 
 
 def target_spec(target: str, seed: int) -> StageSpec:
@@ -33,7 +45,18 @@ def target_spec(target: str, seed: int) -> StageSpec:
     if kind == "cbd":
         teachers, _, alpha = rest.partition(":")
         return cbd(teachers, seed, alpha=float(alpha or 0.4))
-    raise SystemExit(f"unknown target '{target}'; use ce, crt, lws, teacher:NAME or cbd:T:ALPHA")
+    if kind == "ssd":
+        from ray_lt.recipes.ssd_lt import ssd_lt
+
+        return ssd_lt(seed, **_kwargs(rest))
+    if kind == "cbe":
+        from ray_lt.recipes.cbe import cbe
+
+        return cbe(seed, **_kwargs(rest))
+    raise SystemExit(
+        f"unknown target '{target}'; use ce, crt, lws, teacher:NAME, cbd:T:ALPHA, ssd[:k=v] "
+        "or cbe[:k=v]"
+    )
 
 
 def main() -> None:

@@ -8,9 +8,11 @@ Augmentations are registered by name so a stage (or a CBD data-aug teacher) can 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ray_lt.errors import DataError
 from ray_lt.registry import Registry
@@ -196,6 +198,145 @@ def crop_flip_simclr(
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (out - m) / s
+
+
+# --- MoCo v2 key view (SSD-LT stage I, methods/ssd_lt.md) ----------------------------------------
+#
+# torchvision's MoCo-v2 pipeline, batched: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, output =
+# input size), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, greyscale p 0.2, horizontal flip.
+# Differences from torchvision, all deliberate: the crop box is resampled bilinearly by one
+# ``affine_grid`` + ``grid_sample`` call for the whole batch (no antialiasing, sub-pixel box
+# edges); the jitter is ``colour_distort`` at strength 0.5 (factors U[0.6, 1.4], hue U[-0.1, 0.1],
+# random order per image, TF's per-channel-mean contrast and greyscale weights). Gaussian blur
+# (sigma U[0.1, 2], p 0.5) is off in ``moco_v2``: at 32 px a 10%-of-size kernel is 3 px wide and
+# blurs away most of the image, so CIFAR recipes leave it out; ``moco_v2_blur`` has it.
+
+MOCO_SCALE = (0.2, 1.0)
+MOCO_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_RRC_ATTEMPTS = 10  # torchvision's rejection-sampling attempts before the whole-image fallback
+
+
+def resized_crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = MOCO_SCALE,
+    ratio: tuple[float, float] = MOCO_RATIO,
+) -> torch.Tensor:
+    """RandomResizedCrop boxes ``[B, 4]`` = (top, left, h, w) in pixels, on generator's device.
+
+    As torchvision: up to 10 draws of an area fraction U[scale] and a log-uniform aspect ratio;
+    the first box that fits is kept, else the whole image. All attempts are drawn at once.
+
+    Args:
+        batch: B.
+        height: image height H.
+        width: image width W.
+        generator: source of randomness; 2 x B x 10 + 2 x B draws, in that order.
+        scale: range of the crop's area as a fraction of the image's.
+        ratio: range of the crop's width / height.
+    """
+    dev = generator.device
+    area = (
+        height
+        * width
+        * torch.empty(batch, _RRC_ATTEMPTS, device=dev).uniform_(*scale, generator=generator)
+    )
+    log_r = torch.empty(batch, _RRC_ATTEMPTS, device=dev).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
+    w = torch.round(torch.sqrt(area * torch.exp(log_r)))
+    h = torch.round(torch.sqrt(area / torch.exp(log_r)))
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    first = fits.float().argmax(1, keepdim=True)  # the first attempt that fits
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first)[:, 0], torch.full_like(found, width, dtype=w.dtype))
+    h = torch.where(found, h.gather(1, first)[:, 0], torch.full_like(found, height, dtype=h.dtype))
+    u_top = torch.rand(batch, generator=generator, device=dev)
+    u_left = torch.rand(batch, generator=generator, device=dev)
+    top = torch.floor(u_top * (height - h + 1))
+    left = torch.floor(u_left * (width - w + 1))
+    return torch.stack((top, left, h, w), 1)
+
+
+def _resized_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Float images -> RandomResizedCrop to the same size, then flip with p 0.5; one sampling."""
+    b, _, height, width = x.shape
+    boxes = resized_crop_boxes(b, height, width, generator).to(x.device)
+    flip = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(x.device)
+    top, left, h, w = boxes.unbind(1)
+    # align_corners=False: -1 / +1 are the outer edges of the first / last pixel.
+    sx = torch.where(flip, -w / width, w / width)
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [b, 3, height, width], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def gaussian_blur(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    sigma: tuple[float, float] = (0.1, 2.0),
+    p: float = 0.5,
+) -> torch.Tensor:
+    """Per-image Gaussian blur (sigma U[sigma], probability p), separable, one grouped conv each.
+
+    The kernel spans about 10% of the image side (odd, at least 3 px), as MoCo v2's 23 px at 224.
+    """
+    b, c, height, width = x.shape
+    dev = generator.device
+    s = torch.empty(b, device=dev).uniform_(*sigma, generator=generator).to(x.device)
+    on = (torch.rand(b, generator=generator, device=dev) < p).to(x.device)
+    radius = max(1, int(0.05 * min(height, width)))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(t[None, :] ** 2) / (2 * s[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
+    flat = x.reshape(1, b * c, height, width)
+    flat = F.pad(flat, (radius, radius, 0, 0), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=b * c)
+    flat = F.pad(flat, (0, 0, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=b * c)
+    return torch.where(on.view(b, 1, 1, 1), flat.reshape(b, c, height, width), x)
+
+
+def moco_v2_images(x: torch.Tensor, generator: torch.Generator, *, blur: bool = False):
+    """MoCo v2's key view of uint8 images as floats in [0, 1] (before normalisation).
+
+    Draws in order: crop boxes, flips, ``colour_distort`` (strength 0.5), then blur if on.
+    """
+    _check(x)
+    images = _resized_crop_flip(x.float() / 255.0, generator)
+    out = colour_distort(images, generator, strength=0.5, p_jitter=0.8, p_grey=0.2)
+    if blur:
+        out = gaussian_blur(out, generator)
+    return out.clamp(0.0, 1.0)
+
+
+def _normalize_float(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@AUGMENTS.register("moco_v2")
+def moco_v2(
+    x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """MoCo v2 without blur (the 32 px default): resized crop, jitter p 0.8, grey p 0.2, flip."""
+    return _normalize_float(moco_v2_images(x, generator), mean, std)
+
+
+@AUGMENTS.register("moco_v2_blur")
+def moco_v2_blur(
+    x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """MoCo v2 as at 224 px: ``moco_v2`` plus Gaussian blur (sigma 0.1-2, p 0.5)."""
+    return _normalize_float(moco_v2_images(x, generator, blur=True), mean, std)
 
 
 def augment_batch(

@@ -5,10 +5,22 @@
 frozen (kept in eval mode, so BatchNorm statistics do not move) and only the classifier (cRT,
 re-initialised) or a per-class scale of the trained classifier (LWS) learns, with class-balanced
 sampling set in the stage's ``TrainSpec``.
+
+``lws`` also serves SSD-LT (stage II and the optional fine-tune). Its ``bn`` option names the one
+place the original code differs from the paper: ``"frozen"`` (default, the paper and Kang et al.)
+keeps the frozen encoder's BatchNorm in eval mode; ``"batch"`` is SSD-LT's code, which calls
+``model.train()`` on the whole model, so the frozen encoder normalises with batch statistics and
+re-estimates its running statistics on the class-balanced batches (and saves them).
+
+Upstream models are rebuilt by ``lt_model`` from the upstream's spec doc: an objective with an
+``lt_model(spec, num_classes, state_dict)`` member (SSD-LT's stages) gives its own plain
+``LTModel`` view; ``crt`` / ``lws`` rebuild their own upstream's architecture and swap the head;
+any other kind is ``create_model`` from its ``backbone`` / ``head`` params.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ray_lt.errors import ConfigError
-from ray_lt.models import HEADS, LWSHead, create_model, freeze
-from ray_lt.objective import OBJECTIVES, Batch, StageContext
+from ray_lt.models import HEADS, LTModel, LWSHead, create_model, freeze
+from ray_lt.objective import OBJECTIVES, Batch, StageContext, get_objective
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,46 @@ class CrossEntropy:
         return cross_entropy(model, batch)
 
 
+def lt_model(
+    spec: Mapping[str, Any],
+    num_classes: int,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> LTModel:
+    """The plain ``LTModel`` (backbone + one head) of a stage, with its weights if given.
+
+    Args:
+        spec: the stage's ``StageSpec.to_dict()`` form (``spec.json``'s ``"spec"``), inputs
+            nested, so ``crt`` / ``lws`` can rebuild the architecture below them.
+        num_classes: C.
+        state_dict: the stage's stored weights, or None for an untrained skeleton.
+    """
+    kind = spec.get("kind", "ce")
+    own = getattr(get_objective(kind), "lt_model", None)
+    if own is not None:
+        return own(spec, num_classes, state_dict)
+    p = spec.get("params", {}) or {}
+    model = create_model(
+        p.get("backbone", "resnet32"),
+        num_classes,
+        head=p.get("head", "linear"),
+        backbone_kwargs=p.get("backbone_kwargs") or {},
+        head_kwargs=p.get("head_kwargs") or {},
+    )
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
+
+
+def _features_input(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    features = (spec.get("inputs") or {}).get("features")
+    if features is None:
+        raise ConfigError(
+            f"cannot rebuild a '{spec.get('kind')}' stage: its spec has no 'features' input; "
+            "was it written by an older ray-lt? re-run it"
+        )
+    return features
+
+
 def upstream_model(ctx: StageContext, input_name: str = "features") -> nn.Module:
     """Rebuild an upstream stage's model from its spec and load its stored weights."""
     if input_name not in ctx.inputs:
@@ -63,17 +115,7 @@ def upstream_model(ctx: StageContext, input_name: str = "features") -> nn.Module
             f" got {sorted(ctx.inputs)}"
         )
     upstream = ctx.inputs[input_name]
-    up = upstream.spec["spec"]
-    p = up.get("params", {})
-    model = create_model(
-        p.get("backbone", "resnet32"),
-        ctx.num_classes,
-        head=p.get("head", "linear"),
-        backbone_kwargs=p.get("backbone_kwargs") or {},
-        head_kwargs=p.get("head_kwargs") or {},
-    )
-    model.load_state_dict(upstream.state_dict)
-    return model
+    return lt_model(upstream.spec["spec"], ctx.num_classes, upstream.state_dict)
 
 
 @dataclass(frozen=True)
@@ -100,10 +142,31 @@ class ClassifierRetraining:
     def loss(self, params: CRTParams, model: nn.Module, batch: Batch, ctx: StageContext):
         return cross_entropy(model, batch)
 
+    @staticmethod
+    def lt_model(spec: Mapping[str, Any], num_classes: int, state_dict=None) -> LTModel:
+        """The upstream's architecture with this stage's head (for stages downstream of cRT)."""
+        p = spec.get("params", {}) or {}
+        model = lt_model(_features_input(spec), num_classes)
+        head = HEADS.get(p.get("head", "linear"))
+        model.head = head(model.feature_dim, num_classes, **(p.get("head_kwargs") or {}))
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return model
+
+
+LWS_BN = ("frozen", "batch")
+
 
 @dataclass(frozen=True)
 class LWSParams:
-    pass
+    bn: str = "frozen"  # "batch": SSD-LT's code, the frozen encoder re-estimates BN statistics
+
+    def __post_init__(self) -> None:
+        if self.bn not in LWS_BN:
+            raise ConfigError(
+                f"lws bn '{self.bn}' is unknown; use 'frozen' (eval statistics, the default) or "
+                "'batch' (re-estimate the frozen encoder's BatchNorm statistics, SSD-LT's code)"
+            )
 
 
 @OBJECTIVES.register("lws")
@@ -121,8 +184,19 @@ class LearnableWeightScaling:
                 "train the upstream stage with head='linear'"
             )
         freeze(model.backbone)
+        if params.bn == "batch":  # the engine keeps it in train mode despite frozen params
+            model.backbone.update_batch_stats = True
         model.head = LWSHead.from_linear(model.head)
         return model
 
     def loss(self, params: LWSParams, model: nn.Module, batch: Batch, ctx: StageContext):
         return cross_entropy(model, batch)
+
+    @staticmethod
+    def lt_model(spec: Mapping[str, Any], num_classes: int, state_dict=None) -> LTModel:
+        """The upstream's backbone with an LWS head (an SSD-LT teacher is an lws stage)."""
+        model = lt_model(_features_input(spec), num_classes)
+        model.head = LWSHead(model.feature_dim, num_classes)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return model
