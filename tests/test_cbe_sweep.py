@@ -7,33 +7,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from ray_lt.artifacts import ArtifactStore
+from tests.cli import ROOT, run_cli
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _run(module: str, file: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", module, str(ROOT / file), "--smoke", *extra],
-        cwd=workdir,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
 
 
 def test_cbe_smoke_sweep_and_report(tmp_path):
-    sweep = _run("ray_lt.sweep", "experiments/cbe.py", tmp_path, "--num-cpus", "2")
+    sweep = run_cli("ray_lt.sweep", "experiments/cbe.py", tmp_path, "--num-cpus", "2")
     assert "OK" in sweep.stdout and "ERROR" not in sweep.stdout.split("sweep '")[-1]
-    report = _run("ray_lt.report", "experiments/cbe.py", tmp_path).stdout
+    report = run_cli("ray_lt.report", "experiments/cbe.py", tmp_path).stdout
     for row in (
         "row=generalist",
         "row=experts+calibration",

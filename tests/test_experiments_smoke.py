@@ -3,47 +3,17 @@ Parquet), and its report builds from the runs it logged."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from ray_lt.artifacts import ArtifactStore
-from tests.conftest import cifar_root, requires_cifar
+from tests.cli import smoke_sweep
+from tests.conftest import requires_cifar
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _run(module: str, file: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if cifar_root() is not None:
-        env["RAY_LT_DATA"] = str(cifar_root())
-    proc = subprocess.run(
-        [sys.executable, "-m", module, str(ROOT / file), "--smoke", *extra],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
-def _smoke(file: str, workdir: Path, *extra: str) -> str:
-    sweep = _run("ray_lt.sweep", file, workdir, "--num-cpus", "2", *extra)
-    assert "OK" in sweep.stdout and "ERROR" not in sweep.stdout.split("sweep '")[-1]
-    report = _run("ray_lt.report", file, workdir)
-    for name in ("table.md", "table.tex", "table.csv", "per_class.png"):
-        assert list(workdir.glob(f"reports/*/{name}")), name
-    return report.stdout
 
 
 def test_quickstart_smoke(tmp_path):
-    out = _smoke("experiments/quickstart.py", tmp_path)
+    out = smoke_sweep("experiments/quickstart.py", tmp_path)
     assert "| configuration |" in out
     keys = ArtifactStore(tmp_path / "ray_lt_store").keys()
     # two configurations of one seed share one CE stage
@@ -53,7 +23,7 @@ def test_quickstart_smoke(tmp_path):
 
 @requires_cifar
 def test_ce_crt_cifar100_lt_smoke(tmp_path):
-    out = _smoke("experiments/ce_crt_cifar100_lt.py", tmp_path)
+    out = smoke_sweep("experiments/ce_crt_cifar100_lt.py", tmp_path)
     assert "method=ce" in out and "method=crt" in out
     store = ArtifactStore(tmp_path / "ray_lt_store")
     ce = store.open(next(k for k in store.keys() if k.startswith("ce-")))
@@ -62,14 +32,14 @@ def test_ce_crt_cifar100_lt_smoke(tmp_path):
 
 
 def test_cbd_smoke(tmp_path):
-    out = _smoke("experiments/cbd.py", tmp_path)
+    out = smoke_sweep("experiments/cbd.py", tmp_path)
     assert "alpha=0" in out and "alpha=0.4" in out
     keys = ArtifactStore(tmp_path / "ray_lt_store").keys()
     assert sum(k.startswith("cbd_teacher-") for k in keys) == 1
 
 
 def test_cbd_ens_smoke(tmp_path):
-    out = _smoke("experiments/cbd_ens.py", tmp_path)
+    out = smoke_sweep("experiments/cbd_ens.py", tmp_path)
     # the ablation rows: a CE baseline, no distillation, one teacher, two teachers
     assert "method=ce" in out and "teachers=vanilla1+data_aug1" in out
     keys = ArtifactStore(tmp_path / "ray_lt_store").keys()

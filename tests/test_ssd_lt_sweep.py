@@ -6,41 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from ray_lt.artifacts import ArtifactStore
 from ray_lt.experiment import load_experiment
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _run(module: str, file: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", module, str(ROOT / file), "--smoke", *extra],
-        cwd=workdir,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
-def _smoke(file: str, workdir: Path, *extra: str) -> str:
-    sweep = _run("ray_lt.sweep", file, workdir, "--num-cpus", "2", *extra)
-    assert "OK" in sweep.stdout and "ERROR" not in sweep.stdout.split("sweep '")[-1]
-    report = _run("ray_lt.report", file, workdir)
-    for name in ("table.md", "table.tex", "table.csv", "per_class.png"):
-        assert list(workdir.glob(f"reports/*/{name}")), name
-    return report.stdout
+from tests.cli import ROOT, smoke_sweep
 
 
 @pytest.mark.ray
 def test_ssd_lt_smoke(tmp_path):
-    out = _smoke("experiments/ssd_lt.py", tmp_path)
+    out = smoke_sweep("experiments/ssd_lt.py", tmp_path)
     assert "soft_overall" in out and "row=plain_teacher" in out and "row=ssd_finetune" in out
     table = next(tmp_path.glob("reports/*/table.csv")).read_text()
     assert "soft_overall" in table.splitlines()[0]

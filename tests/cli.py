@@ -1,0 +1,39 @@
+"""Run the package's CLIs on an experiment file in a subprocess, as a user would (real Ray)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import cifar_root
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(module: str, file: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ROOT/FILE --smoke EXTRA...`` in ``workdir``; it must exit 0."""
+    env = dict(os.environ)
+    if cifar_root() is not None:
+        env["RAY_LT_DATA"] = str(cifar_root())
+    proc = subprocess.run(
+        [sys.executable, "-m", module, str(ROOT / file), "--smoke", *extra],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def smoke_sweep(file: str, workdir: Path, *extra: str) -> str:
+    """The smoke sweep on 2 CPUs, then its report; every report file exists. Report stdout."""
+    sweep = run_cli("ray_lt.sweep", file, workdir, "--num-cpus", "2", *extra)
+    assert "OK" in sweep.stdout and "ERROR" not in sweep.stdout.split("sweep '")[-1]
+    report = run_cli("ray_lt.report", file, workdir)
+    for name in ("table.md", "table.tex", "table.csv", "per_class.png"):
+        assert list(workdir.glob(f"reports/*/{name}")), name
+    return report.stdout
