@@ -57,8 +57,6 @@ def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
     return pipeline(config, smoke=True)
 
 
-REPORT = ("many", "medium", "few", "overall")
-
 experiment = Experiment(
     name="cbe",
     pipeline=pipeline,
@@ -67,7 +65,6 @@ experiment = Experiment(
     seeds=(0, 1, 2),
     max_concurrent_trials=4,
     scheduler=None,
-    report_metrics=REPORT,
     smoke=Experiment(
         name="cbe-smoke",
         pipeline=smoke_pipeline,
@@ -76,6 +73,5 @@ experiment = Experiment(
         seeds=(0,),
         max_concurrent_trials=2,
         scheduler=None,
-        report_metrics=REPORT,
     ),
 )

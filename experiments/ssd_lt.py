@@ -26,19 +26,9 @@ from typing import Any
 from ray import tune
 
 from ray_lt.experiment import Experiment
-from ray_lt.recipes.ssd_lt import ssd_lt, ssd_lt_smoke
+from ray_lt.recipes.ssd_lt import REPORT_METRICS, ssd_lt, ssd_lt_smoke
 from ray_lt.spec import StageSpec
 
-REPORT = (
-    "many",
-    "medium",
-    "few",
-    "overall",
-    "soft_many",
-    "soft_medium",
-    "soft_few",
-    "soft_overall",
-)
 VARIANTS = [
     {"row": "ssd"},
     {"row": "ce_only", "ssl_weight": 0.0},
@@ -49,8 +39,6 @@ VARIANTS = [
     {"row": "t4", "temperature": 4.0},
     {"row": "ssd_finetune", "finetune": True},
 ]
-# SMOKE_DATA's head class has 100 images, so there is no many-shot group to report.
-SMOKE_REPORT = tuple(m for m in REPORT if not m.endswith("many"))
 SMOKE_VARIANTS = [
     {"row": "ssd"},
     {"row": "plain_teacher", "teacher": "plain"},
@@ -79,7 +67,7 @@ experiment = Experiment(
     seeds=(0, 1, 2),
     max_concurrent_trials=4,
     scheduler=None,
-    report_metrics=REPORT,
+    report_metrics=REPORT_METRICS,
     smoke=Experiment(
         name="ssd_lt-smoke",
         pipeline=smoke_pipeline,
@@ -88,6 +76,6 @@ experiment = Experiment(
         seeds=(0,),
         max_concurrent_trials=2,
         scheduler=None,
-        report_metrics=SMOKE_REPORT,
+        report_metrics=REPORT_METRICS,
     ),
 )

@@ -21,7 +21,7 @@ from ray import tune
 
 from ray_lt.data.spec import DataSpec
 from ray_lt.experiment import Experiment
-from ray_lt.recipes.ssd_lt import ssd_lt
+from ray_lt.recipes.ssd_lt import REPORT_METRICS, ssd_lt
 from ray_lt.spec import Resources, StageSpec, TrainSpec
 
 DATA = DataSpec(name="imagenet_lt")
@@ -46,16 +46,6 @@ LWS_TRAIN = TrainSpec(
     sampler_params={"k": 2},
 )
 QUEUE = 115_712  # 452 x 256 <= 115,846 training images
-REPORT = (
-    "many",
-    "medium",
-    "few",
-    "overall",
-    "soft_many",
-    "soft_medium",
-    "soft_few",
-    "soft_overall",
-)
 
 
 def pipeline(config: dict[str, Any]) -> StageSpec:
@@ -82,6 +72,6 @@ experiment = Experiment(
     seeds=(0,),
     max_concurrent_trials=1,
     scheduler=None,
-    report_metrics=REPORT,
+    report_metrics=REPORT_METRICS,
     resources=Resources(num_workers=1, cpus_per_worker=8, gpus_per_worker=1),
 )

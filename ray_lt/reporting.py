@@ -96,8 +96,9 @@ def build_report(
         what = f"experiment '{experiment_name}'{which} in {tracking_uri}"
         raise RayLtError(f"no finished trial runs of {what}; {_FIX}")
     logged = sorted({k for r in finished for k in r.data.metrics})
-    # a standard group may be absent everywhere (no few-shot classes): a column of dashes
-    if unknown := [m for m in metrics if m not in logged and m not in DEFAULT_METRICS]:
+    # a standard group may be absent everywhere (no few-shot classes): a column of dashes, also
+    # for a second head's group ("soft_many") when that head was logged ("soft_overall")
+    if unknown := [m for m in metrics if m not in logged and not _group_of_logged(m, logged)]:
         raise ConfigError(
             f"metric {unknown[0]!r} was not logged by any finished trial run of "
             f"'{experiment_name}'; logged: {', '.join(logged) or 'none'}"
@@ -118,6 +119,14 @@ def build_report(
         report.files[kind].write_text(text, encoding="utf-8")
     report.files["csv"] = write_csv(report, out / "table.csv")
     return report
+
+
+def _group_of_logged(metric: str, logged: list[str]) -> bool:
+    """A shot group: ``few``, or ``<head>_few`` of a head logged as ``<head>_overall``."""
+    if metric in DEFAULT_METRICS:
+        return True
+    head, _, group = metric.rpartition("_")
+    return bool(head) and group in DEFAULT_METRICS and f"{head}_overall" in logged
 
 
 def _client(tracking_uri: str):

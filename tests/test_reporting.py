@@ -20,6 +20,7 @@ from ray_lt.errors import CorruptArtifactError, RayLtError
 from ray_lt.metrics import GROUP_NAMES, shot_groups
 from ray_lt.reporting import (
     Report,
+    _group_of_logged,
     _load_per_class,
     _nan_stats,
     build_report,
@@ -288,6 +289,9 @@ def test_errors(store, tmp_path):
     assert not missing_db.exists()
     with pytest.raises(RayLtError, match="metric 'top5' was not logged"):
         build_report(store["uri"], "quickstart", tmp_path, metrics=("top5",))
+    # a second head's group is a dash only for a head that was logged at all
+    with pytest.raises(RayLtError, match="metric 'soft_few' was not logged"):
+        build_report(store["uri"], "quickstart", tmp_path, metrics=("soft_few",))
     with pytest.raises(RayLtError, match="mode must be 'max' or 'min'"):
         build_report(store["uri"], "quickstart", tmp_path, mode="best")
     with pytest.raises(CorruptArtifactError, match="per_class.parquet of run .* unreadable"):
@@ -303,3 +307,7 @@ def test_helpers():
     mean, std = _nan_stats([0.1, math.nan, 0.3])
     assert mean == pytest.approx(0.2) and std == pytest.approx(np.std([0.1, 0.3], ddof=1))
     assert all(math.isnan(x) for x in _nan_stats([math.nan, math.nan]))
+    logged = ["overall", "soft_overall", "soft_few"]
+    assert _group_of_logged("many", logged) and _group_of_logged("soft_many", logged)
+    assert not _group_of_logged("oracle_many", logged)  # that head was never logged
+    assert not _group_of_logged("soft_top5", logged) and not _group_of_logged("_many", logged)

@@ -140,10 +140,15 @@ class LTDataset:
     test: Split
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # Set by a view whose train rows are not the dataset's training images (CBE's calibration
+    # trains on validation logits): its shot groups must still come from the real counts.
+    train_counts: np.ndarray | None = None
 
     @property
     def class_counts(self) -> np.ndarray:
-        """Training images per class, int64 [num_classes]."""
+        """Training images per class, int64 [num_classes] (``train_counts`` when set)."""
+        if self.train_counts is not None:
+            return np.asarray(self.train_counts, dtype=np.int64)
         return np.bincount(self.train.labels, minlength=self.num_classes).astype(np.int64)
 
 

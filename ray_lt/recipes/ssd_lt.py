@@ -34,6 +34,10 @@ CIFAR_SSD = TrainSpec(
 CIFAR_SSD_LWS = CIFAR_DECOUPLED.replace(sampler="class_aware", sampler_params={"k": 2})
 CIFAR_QUEUE = 10_752  # 84 x 128 <= 10,847
 TEACHERS = ("lws", "plain")
+# The report's columns: the hard head (primary logits) and the soft head (``logits_soft``).
+REPORT_METRICS = tuple(
+    f"{head}{group}" for head in ("", "soft_") for group in ("many", "medium", "few", "overall")
+)
 
 # Smoke: SMOKE_DATA (1,000-odd images), ResNet-8, 2 epochs; the queue holds 8 batches of 32.
 SMOKE_SSD = SMOKE_TRAIN.replace(schedule="cosine", weight_decay=5e-4)

@@ -40,7 +40,7 @@ Decisions (the fact sheet leaves them to us):
   also exports the oracle as a second head (``oracle_overall``...); ``routing="oracle"`` makes it
   the primary prediction (the report's oracle row).
 - Its shot groups must come from the real training counts, not from its train rows (the val
-  split, 20 per class): the view carries the original counts (``_CountedView``).
+  split, 20 per class): the view sets ``LTDataset.train_counts`` to the original counts.
 """
 
 from __future__ import annotations
@@ -506,18 +506,6 @@ def check_order(table: pa.Table, split: Split, where: str, split_name: str) -> N
             )
 
 
-class _CountedView(LTDataset):
-    """A view whose shot groups come from the original training counts, not its own rows."""
-
-    def __init__(self, counts: np.ndarray, **fields: Any) -> None:
-        super().__init__(**fields)
-        self._counts = np.asarray(counts, dtype=np.int64)
-
-    @property
-    def class_counts(self) -> np.ndarray:
-        return self._counts
-
-
 def calibration_rows(
     up: UpstreamArtifact, split: Split, split_name: str, layout: Layout, prior: bool
 ) -> np.ndarray:
@@ -606,8 +594,8 @@ class CBECalibrate:
         prior = params.calibration != "none"
         val = calibration_rows(up, data.val, "val", layout, prior)
         test = calibration_rows(up, data.test, "test", layout, prior)
-        return _CountedView(
-            data.class_counts,
+        return LTDataset(
+            train_counts=data.class_counts,
             name=f"{data.name}:cbe_logits",
             num_classes=data.num_classes,
             class_names=list(data.class_names),
