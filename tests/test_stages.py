@@ -125,3 +125,18 @@ def test_key_changes_with_what_changes_the_result():
     from ray_lt.spec import Resources
 
     assert a.with_resources(Resources(gpus_per_worker=0.5)).key == a.key  # resources do not
+
+
+def test_lt_model_rebuilds_stored_weights_with_clear_errors():
+    from ray_lt.errors import ConfigError
+    from ray_lt.stages.baseline import lt_model
+
+    spec = {"kind": "ce", "params": {"backbone": "resnet10"}}
+    weights = create_model("resnet10", 4).state_dict()
+    # a pretrained start is never re-read once the stage has stored weights
+    seeded = {"kind": "ce", "params": {"backbone": "resnet10",
+              "backbone_kwargs": {"weights_path": "/nonexistent/resnet10.pt"}}}  # fmt: skip
+    model = lt_model(seeded, 4, weights)
+    assert torch.equal(model.state_dict()["head.weight"], weights["head.weight"])
+    with pytest.raises(ConfigError, match="'ce' stage do not fit backbone 'resnet10' with 5"):
+        lt_model(spec, 5, weights)

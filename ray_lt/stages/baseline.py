@@ -85,15 +85,26 @@ def lt_model(
     if own is not None:
         return own(spec, num_classes, state_dict)
     p = spec.get("params", {}) or {}
+    backbone_kwargs = dict(p.get("backbone_kwargs") or {})
+    if state_dict is not None:  # the stored weights replace a pretrained start: never re-read it
+        backbone_kwargs.pop("weights_path", None)
+    backbone = p.get("backbone", "resnet32")
     model = create_model(
-        p.get("backbone", "resnet32"),
+        backbone,
         num_classes,
         head=p.get("head", "linear"),
-        backbone_kwargs=p.get("backbone_kwargs") or {},
+        backbone_kwargs=backbone_kwargs,
         head_kwargs=p.get("head_kwargs") or {},
     )
     if state_dict is not None:
-        model.load_state_dict(state_dict)
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"the stored weights of a '{kind}' stage do not fit backbone '{backbone}' with "
+                f"{num_classes} outputs ({first}); check that stage's params"
+            ) from exc
     return model
 
 

@@ -58,9 +58,10 @@ from torch import nn
 
 from ray_lt.data.spec import DataSpec, LTDataset, Split
 from ray_lt.errors import ConfigError
-from ray_lt.models import BACKBONES, HEADS, LTModel, create_model, freeze
+from ray_lt.models import BACKBONES, HEADS, LTModel, freeze
 from ray_lt.objective import OBJECTIVES, Batch, StageContext, UpstreamArtifact
 from ray_lt.spec import StageSpec
+from ray_lt.stages.baseline import lt_model
 
 EXPERT_INPUT = re.compile(r"expert(0|[1-9][0-9]*)")
 CALIBRATIONS = ("full", "prior", "none")
@@ -175,26 +176,12 @@ def _backbone_params(up_params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def rebuild(upstream: UpstreamArtifact, name: str, num_classes: int) -> LTModel:
-    """An upstream ``LTModel`` (linear head) from its spec doc and weights, RNG untouched."""
-    p = upstream.spec.get("spec", {}).get("params", {})
-    backbone, kwargs = _backbone_params(p)
-    with torch.random.fork_rng(devices=[]):
-        model = create_model(
-            backbone,
-            num_classes,
-            head=p.get("head", "linear"),
-            backbone_kwargs=kwargs,
-            head_kwargs=p.get("head_kwargs") or {},
-        )
+    """An upstream ``LTModel`` from its spec doc and weights (``lt_model``), RNG untouched."""
     try:
-        model.load_state_dict(upstream.state_dict)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(
-            f"input '{name}' ({upstream.key}) does not fit backbone '{backbone}' with "
-            f"{num_classes} outputs ({first}); check the upstream stage's params"
-        ) from exc
-    return model
+        with torch.random.fork_rng(devices=[]):
+            return lt_model(upstream.spec.get("spec", {}), num_classes, upstream.state_dict)
+    except ConfigError as exc:
+        raise ConfigError(f"input '{name}' ({upstream.key}): {exc}") from exc
 
 
 def _need(inputs: Any, name: str, kind: str) -> Any:
