@@ -146,7 +146,7 @@ def _env_seconds(name: str, default: float) -> float:
 
 class ArtifactStore:
     """Stage artifacts under one root: ``<root>/<key>/`` plus ``_tmp``, ``_quarantine``,
-    ``_locks`` and ``_train``.
+    ``_locks``, ``_train``, ``_tune`` and ``_records``.
 
     Args:
         uri: a local folder (relative paths are made absolute), ``file://...`` or any
@@ -502,6 +502,45 @@ class ArtifactStore:
             raise ArtifactError(f"cannot place {key!r} in cache {dest}; set RAY_LT_CACHE")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- small JSON records of the harness itself (e.g. the MLflow outbox), never artifacts ---
+
+    def _record_path(self, name: str) -> str:
+        parts = name.split("/")
+        if not all(_KEY_RE.match(p) for p in parts) or not name.endswith(".json"):
+            raise ArtifactError(f"record name {name!r} is invalid; use a/b.json of safe names")
+        return self._path("_records", *parts)
+
+    def write_record(self, name: str, obj: Any) -> None:
+        """Write ``_records/<name>`` whole (readers see the old record or the new, never half).
+
+        Args:
+            name: relative name such as ``mirror/<experiment>/<trial>.json``.
+            obj: a JSON-serialisable value.
+        """
+        path = self._record_path(name)
+        if self._local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def records(self, folder: str) -> dict[str, Any]:
+        """Every readable record under ``_records/<folder>``, by name; half-written temporary
+        files and unreadable records are skipped (a record is plain JSON, never unpickled)."""
+        base = self._path("_records", *folder.strip("/").split("/"))
+        out = {}
+        for rel in sorted(self._list_files(base)):
+            if rel.endswith(".json") and not posixpath.basename(rel).startswith("."):
+                raw = self._read_bytes(f"{base}/{rel}")
+                try:
+                    out[f"{folder.strip('/')}/{rel}"] = json.loads(raw or b"")
+                except ValueError:
+                    log.warning("skipping unreadable record %s/%s", base, rel)
+        return out
+
+    def remove_record(self, name: str) -> None:
+        """Delete one record (a missing one is fine)."""
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.fs.delete_file(self._record_path(name))
 
     def train_dir(self) -> str:
         """``<root>/_train`` for Ray Train's ``storage_path`` (a local path or a URI)."""

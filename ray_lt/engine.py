@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -134,6 +137,7 @@ class StageRun:
     out_dir: str | None = None  # rank 0 exports the artifact files here
     fail_at_epoch: int | None = None  # fault injection for tests: raise once at this epoch
     fault_marker: str | None = None  # file that records the injected fault already happened
+    fault_action: str = "raise"  # "raise" an error, or "kill" this process with SIGKILL
     progress_offset: int = 0  # added to "progress" in reports (ASHA's time attribute)
 
 
@@ -364,6 +368,8 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
         ):
             Path(run.fault_marker).parent.mkdir(parents=True, exist_ok=True)
             Path(run.fault_marker).write_text(f"injected at epoch {epoch}\n")
+            if run.fault_action == "kill":  # a real process death, as an OOM kill or a crash
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at epoch {epoch} (RAY_LT_INJECT_FAULT)")
         tic = time.perf_counter()
         _set_train_mode(wrapped)
@@ -567,7 +573,7 @@ def export(
     if more is not None:
         for name, table in more(params, model, ctx).items():
             pq.write_table(table, out / "tables" / f"{name}.parquet")
-    metrics = {**results, "start_epoch": start_epoch, "history": history}
+    metrics = {**results, "start_epoch": start_epoch, "history": history, "node": _node()}
     if selected_epoch:
         metrics["selected_epoch"] = selected_epoch
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
@@ -586,6 +592,15 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
+
+
+def _node() -> dict[str, str]:
+    """Where the stage ran (the Ray node id when inside Ray), for the cluster tests and users."""
+    node = {"hostname": socket.gethostname()}
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        node["ray_node_id"] = ray.get_runtime_context().get_node_id()
+    return node
 
 
 def _versions() -> dict[str, str]:

@@ -40,6 +40,8 @@ class Experiment:
         max_concurrent_trials: trials running at once.
         scheduler: "asha" to stop poor trials early on the final stage's epochs, or None.
         grace_period: epochs before ASHA may stop a trial.
+        max_failures: retries of a trial whose process or node died (a lost spot instance);
+            a failed configuration (a diverged loss, a bad config) is never retried.
         resources: per-worker resources of every stage unless a stage sets its own.
         store: artifact store root (local path or pyarrow.fs URI); --store overrides it.
         tracking_uri: MLflow tracking URI; --tracking-uri overrides it.
@@ -60,6 +62,7 @@ class Experiment:
     max_concurrent_trials: int = 2
     scheduler: str | None = "asha"
     grace_period: int = 1
+    max_failures: int = 2
     resources: Resources = field(default_factory=Resources)
     store: str = "ray_lt_store"
     tracking_uri: str | None = None
@@ -83,6 +86,8 @@ class Experiment:
             raise ConfigError("seeds is empty; give at least one, e.g. seeds=(0,)")
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise ConfigError("num_samples and max_concurrent_trials must be >= 1")
+        if not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ConfigError(f"max_failures={self.max_failures!r} must be an int >= 0")
         if self.scheduler not in (None, "asha"):
             raise ConfigError(f"unknown scheduler '{self.scheduler}'; known: asha, None")
 

@@ -31,8 +31,7 @@ class TrialContext:
     store_uri: str
     data_refs: dict[Any, Any] = field(default_factory=dict)  # DataSpec -> ObjectRef
     data_root: str | None = None
-    tracker: Any = None  # ray_lt.tracking.Tracker, or None for no MLflow
-    trial_run_id: str | None = None
+    mirror: Any = None  # ray_lt.mirror.TrialMirror, or None for no MLflow
     owner: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
     report_to_tune: bool = False  # the final stage's epochs feed Tune's scheduler
     in_process: str | None = None  # a torch device: train here, without Ray (benchmarks, debug)
@@ -52,16 +51,9 @@ def run_pipeline(final: StageSpec, ctx: TrialContext) -> list[StageOutcome]:
     for spec in walk(final):
         outcome = ensure_stage(spec, store, ctx, is_final=spec.key == final.key)
         outcomes.append(outcome)
-        if ctx.tracker is not None and ctx.trial_run_id is not None:
-            art = outcome.artifact
-            ctx.tracker.log_stage(
-                ctx.trial_run_id,
-                art.spec(),
-                art.metrics(),
-                key=art.key,
-                reused=outcome.reused,
-                final=spec.key == final.key,
-                artifact_dir=None if outcome.reused else art.local_dir(),
+        if ctx.mirror is not None:
+            ctx.mirror.log_stage(
+                outcome.artifact, reused=outcome.reused, final=spec.key == final.key
             )
     return outcomes
 
@@ -84,7 +76,7 @@ def ensure_stage(
         found = store.lookup(key)  # finished by another trial while we took the lock
         if found is not None:
             return StageOutcome(spec, found, reused=True)
-        if ctx.in_process or _in_trial(spec):
+        if ctx.in_process or spec.resources.inline or _in_trial(spec):
             train_stage_in_process(spec, store, ctx)
         else:
             train_stage(spec, store, ctx, report_to_tune=ctx.report_to_tune and is_final)
@@ -103,12 +95,16 @@ def _in_trial(spec: StageSpec) -> bool:
     return bool(getattr(get_objective(spec.kind), "in_trial", False))
 
 
-def _fault_for(spec: StageSpec) -> int | None:
-    value = os.environ.get(FAULT_ENV, "")
-    if ":" not in value:
-        return None
-    kind, epoch = value.rsplit(":", 1)
-    return int(epoch) if kind == spec.kind else None
+def _fault_for(spec: StageSpec) -> tuple[int | None, str]:
+    """``RAY_LT_INJECT_FAULT=<kind>:<epoch>[:kill]``: the epoch at which ``spec`` fails, and
+    how: raise an error, or SIGKILL its own worker process (a real crash, seen by Ray)."""
+    parts = os.environ.get(FAULT_ENV, "").split(":")
+    if len(parts) < 2 or parts[0] != spec.kind:
+        return None, "raise"
+    action = parts[2] if len(parts) > 2 else "raise"
+    if action not in ("raise", "kill"):
+        raise RayLtError(f"{FAULT_ENV}={':'.join(parts)}: the action must be 'raise' or 'kill'")
+    return int(parts[1]), action
 
 
 def _fault_marker(store: ArtifactStore, key: str, epoch: int | None) -> str | None:
@@ -146,7 +142,7 @@ def train_stage(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    fault = _fault_for(spec)
+    fault, fault_action = _fault_for(spec)
     import ray
 
     # Upstream weights and tables are read from the store once, here, and reach every worker
@@ -160,6 +156,7 @@ def train_stage(
         "inputs_ref": ray.put(inputs),
         "fail_at_epoch": fault,
         "fault_marker": _fault_marker(store, key, fault),
+        "fault_action": fault_action,
     }
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:
@@ -222,8 +219,9 @@ def upstream(store: ArtifactStore, inputs: dict[str, str]) -> dict[str, Any]:
 def train_stage_in_process(spec: StageSpec, store: ArtifactStore, ctx: TrialContext) -> None:
     """The same engine and objective in this process (no Ray): checkpoints under _train/<key>.
 
-    Used for ``TrialContext.in_process`` (benchmarks, debugging) and for ``in_trial`` objectives
-    (CBE's calibration), which are cheap and CPU-only by contract.
+    Used for ``TrialContext.in_process`` (benchmarks, debugging), for ``in_trial`` objectives
+    (CBE's calibration), which are cheap and CPU-only by contract, and for stages with
+    ``Resources(num_workers=0)`` (tiny stages, where a worker group's start would dominate).
     """
     from ray_lt.data import load_dataset
     from ray_lt.engine import LocalSession, StageRun, run_stage
@@ -272,6 +270,7 @@ def stage_worker(config: dict[str, Any]) -> dict[str, Any]:
         out_dir=out_dir,
         fail_at_epoch=config.get("fail_at_epoch"),
         fault_marker=config.get("fault_marker"),
+        fault_action=config.get("fault_action", "raise"),
     )
     try:
         summary = run_stage(run, session)

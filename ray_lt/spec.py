@@ -95,11 +95,38 @@ _LATER_TRAIN_FIELDS = {"select": "last", "select_metric": "val_overall", "patien
 
 @dataclass(frozen=True)
 class Resources:
-    """What one worker of a stage needs; never part of the key."""
+    """What one worker of a stage needs; never part of the key.
+
+    ``num_workers=0`` runs the stage inline, in the trial's own process on its CPU, with the same
+    engine: for stages so small that a ``TorchTrainer``'s worker-group start (about 20 s) would
+    dominate them, such as sweeps of many tiny trials. Inline stages resume from the same
+    per-epoch checkpoints.
+    """
 
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractions pack several trials on one GPU
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(
+                f"Resources(num_workers={self.num_workers!r}): use an int >= 1, or 0 to run the "
+                "stage inline in the trial's process"
+            )
+        if not self.cpus_per_worker >= 0 or not self.gpus_per_worker >= 0:
+            raise ConfigError(
+                f"Resources(cpus_per_worker={self.cpus_per_worker!r}, gpus_per_worker="
+                f"{self.gpus_per_worker!r}): both must be numbers >= 0"
+            )
+        if self.num_workers == 0 and self.gpus_per_worker:
+            raise ConfigError(
+                "Resources(num_workers=0) runs the stage inline on the trial's CPU; it cannot ask "
+                f"for gpus_per_worker={self.gpus_per_worker}; use num_workers=1 for a GPU stage"
+            )
+
+    @property
+    def inline(self) -> bool:
+        return self.num_workers == 0
 
 
 @dataclass(frozen=True)

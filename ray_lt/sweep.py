@@ -16,16 +16,23 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ray_lt.artifacts import ArtifactStore
+from ray_lt.artifacts import Artifact, ArtifactStore
 from ray_lt.errors import ConfigError, RayLtError
 from ray_lt.experiment import Experiment, load_experiment, project_root
 from ray_lt.spec import Resources, StageSpec, walk, with_resources
 from ray_lt.tracking import Tracker, default_tracking_uri, normalize_uri
 
 TRIAL_INDEX = "__trial_index__"
+ERROR_KEY = "ray_lt_error"  # a trial's report when its configuration failed (not retried)
+# MLflow's HTTP client retries for minutes by default; a sweep should notice a lost server fast
+# and keep going (the mirror keeps what it could not write). Users may set their own values.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 @dataclass
@@ -156,44 +163,82 @@ def _abs(path_or_uri: str) -> str:
 
 
 def _trial(config: dict[str, Any], setup: SweepSetup) -> None:
-    """One Tune trial: one configuration with one seed, its whole pipeline."""
+    """One Tune trial: one configuration with one seed, its whole pipeline.
+
+    A ``RayLtError`` (a diverged loss, a bad config) is a result of the configuration: the trial
+    reports it and ends, and Tune does not retry it. Anything else (a lost node, a killed
+    process) propagates, and Tune retries the trial up to ``Experiment.max_failures`` times; the
+    retry reuses finished stages and resumes the unfinished one from its last checkpoint.
+    """
     from ray import tune
 
+    from ray_lt.mirror import TrialMirror
     from ray_lt.pipeline import TrialContext, run_pipeline
 
     exp = setup.experiment
     config = dict(config)
     index = config.pop(TRIAL_INDEX, None)
     config.setdefault("seed", exp.seeds[int(index or 0) % len(exp.seeds)])
-    tracker = Tracker(setup.tracking_uri, exp.name)
-    run_id = tracker.start_trial(tune.get_context().get_trial_id(), config, setup.smoke)
+    store = ArtifactStore(setup.store_uri)
+    trial_id = tune.get_context().get_trial_id()
+    mirror = TrialMirror(setup.tracking_uri, exp.name, store, trial_id, config, setup.smoke)
     try:
-        final = exp.pipeline(config)
-        if setup.resources is not None:
-            final = with_resources(final, setup.resources, only_default=False)
-        elif exp.resources != Resources():
-            final = with_resources(final, exp.resources)
+        final = apply_resources(exp.pipeline(config), exp, setup.resources)
+        done = store.lookup(final.key) if mirror.finished_before else None
+        if done is not None:  # finished and tracked before the driver died: report, run nothing
+            tune.report({**_result(done), "artifact": done.key, "seed": config["seed"]})
+            return
         ctx = TrialContext(
             store_uri=setup.store_uri,
             data_refs=dict(setup.data_refs),
             data_root=setup.data_root,
-            tracker=tracker,
-            trial_run_id=run_id,
+            mirror=mirror,
             report_to_tune=True,
         )
         artifact = run_pipeline(final, ctx)[-1].artifact
-        metrics = artifact.metrics()
-        result = dict(metrics.get("test", {}))
-        result.update({f"val_{k}": v for k, v in metrics.get("val", {}).items()})
-        per_class = Path(artifact.local_dir()) / "tables" / "per_class.parquet"
-        tracker.finish_trial(run_id, result, str(per_class) if per_class.exists() else None)
+        result = _result(artifact)
+        mirror.finish(result, artifact.key)
+    except RayLtError as err:
+        mirror.fail(err)
+        tune.report({ERROR_KEY: " ".join(str(err).split())[:500], "seed": config["seed"]})
+        return
     except BaseException as err:
-        tracker.fail_trial(run_id, err)
+        mirror.fail(err)
         raise
     tune.report({**result, "artifact": artifact.key, "seed": config["seed"]})
 
 
-def build_tuner(exp: Experiment, setup: SweepSetup, store: ArtifactStore, final_epochs: int):
+def _result(artifact: Artifact) -> dict[str, float]:
+    """What a trial reports: the final stage's test metrics and ``val_*`` metrics."""
+    metrics = artifact.metrics()
+    result = dict(metrics.get("test", {}))
+    result.update({f"val_{k}": v for k, v in metrics.get("val", {}).items()})
+    return result
+
+
+def apply_resources(final: StageSpec, exp: Experiment, override: Resources | None) -> StageSpec:
+    """The DAG with the command line's resources, else the experiment's where a stage kept the
+    default."""
+    if override is not None:
+        return with_resources(final, override, only_default=False)
+    if exp.resources != Resources():
+        return with_resources(final, exp.resources)
+    return final
+
+
+def trial_cpus(stages: list[StageSpec]) -> float:
+    """CPUs a trial reserves: a token 0.01 while its stages run in ``TorchTrainer`` workers
+    (which reserve their own), the CPUs of its largest inline stage when it computes itself."""
+    return max([0.01] + [s.resources.cpus_per_worker for s in stages if s.resources.inline])
+
+
+def build_tuner(
+    exp: Experiment,
+    setup: SweepSetup,
+    store: ArtifactStore,
+    final_epochs: int,
+    cpus_per_trial: float = 0.01,
+):
     """The Tune ``Tuner`` for this experiment (search algorithm, scheduler, storage)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -233,7 +278,9 @@ def build_tuner(exp: Experiment, setup: SweepSetup, store: ArtifactStore, final_
             grace_period=min(exp.grace_period, final_epochs),
             reduction_factor=2,
         )
-    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"CPU": 0.01})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, setup=setup), {"CPU": cpus_per_trial}
+    )
     tune_config = tune.TuneConfig(
         search_alg=search_alg,
         scheduler=scheduler,
@@ -241,11 +288,12 @@ def build_tuner(exp: Experiment, setup: SweepSetup, store: ArtifactStore, final_
         max_concurrent_trials=exp.max_concurrent_trials,
         metric=exp.metrics[0] if single else None,
         mode=exp.modes[0] if single else None,
+        reuse_actors=True,  # a trial process imports torch and MLflow once, not once per trial
     )
     run_config = tune.RunConfig(
         storage_path=store.uri.rstrip("/") + "/_tune",
         name=exp.name,
-        failure_config=tune.FailureConfig(max_failures=0),
+        failure_config=tune.FailureConfig(max_failures=exp.max_failures),
         verbose=1,
     )
     return trainable, space, tune_config, run_config
@@ -259,7 +307,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     stages = check_pipeline(exp, data_root)
     store = ArtifactStore(_abs(args.store or exp.store))
     tracking_uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     Tracker(tracking_uri, exp.name)  # fails here, in one line, when the store is unreachable
+    if args.resume:
+        _replay(store, tracking_uri, exp.name)
     gpus = None if args.gpus_per_worker == "auto" else _fraction(args.gpus_per_worker)
 
     import ray
@@ -281,23 +333,26 @@ def run_sweep(args: argparse.Namespace) -> int:
     # those, and Tune's strict check would fail the trial on them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     env["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_LT_")})
+    env.update(
+        {k: v for k, v in os.environ.items() if k.startswith(("RAY_LT_", "MLFLOW_HTTP_REQUEST_"))}
+    )
     if data_root:
         env["RAY_LT_DATA"] = data_root
     started = not ray.is_initialized()
     if started:
         ray.init(
-            address=args.address,
             num_cpus=args.num_cpus if not args.address else None,
             runtime_env={"env_vars": env},
             logging_level=logging.WARNING,
+            **_ray_init_kwargs(args.address),
         )
     try:
         resources = _resources(exp, gpus, args.cpus_per_worker, ray.cluster_resources())
         refs = {s.data: ray.put(load_dataset(s.data, data_root)) for s in stages}
         setup = SweepSetup(exp, store.uri, tracking_uri, data_root, refs, args.smoke, resources)
+        sample = walk(apply_resources(stages[-1], exp, resources))
         trainable, space, tune_config, run_config = build_tuner(
-            exp, setup, store, stages[-1].train.epochs
+            exp, setup, store, stages[-1].train.epochs, trial_cpus(sample)
         )
         path = f"{run_config.storage_path}/{exp.name}"
         if args.resume:
@@ -311,10 +366,38 @@ def run_sweep(args: argparse.Namespace) -> int:
                 trainable, param_space=space, tune_config=tune_config, run_config=run_config
             )
         results = tuner.fit()
+        _replay(store, tracking_uri, exp.name)
         return summarize(exp, results, tracking_uri)
     finally:
         if started:
             ray.shutdown()
+
+
+def _ray_init_kwargs(address: str | None) -> dict[str, Any]:
+    """``ray.init`` arguments: the cluster at ``address``, else a new in-process Ray (never a
+    cluster some other ``ray start`` left on this machine) whose dashboard (needed,
+    RAY_NOTES.md) serves this machine only."""
+    if address:
+        return {"address": address}
+    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+
+
+def _replay(store: ArtifactStore, tracking_uri: str, experiment: str) -> None:
+    """Mirror to MLflow what trials kept in the store while the server was unreachable."""
+    from ray_lt.mirror import replay_outbox
+
+    try:
+        done, left = replay_outbox(store, tracking_uri, experiment)
+    except RayLtError as err:
+        print(f"warning: {err}; run again with --resume to mirror the rest", file=sys.stderr)
+        return
+    if done:
+        print(f"ray-lt: mirrored {done} trial(s) kept while MLflow was unreachable")
+    if left:
+        print(
+            f"warning: {left} trial(s) are still not in MLflow; run again with --resume",
+            file=sys.stderr,
+        )
 
 
 def _fraction(text: str) -> float:
@@ -332,7 +415,7 @@ def _resources(
 ) -> Resources | None:
     """Per-worker resources overriding the experiment's, or None to keep each stage's own."""
     if gpus is None and cpus is None:
-        if exp.resources.gpus_per_worker or not cluster.get("GPU"):
+        if exp.resources.gpus_per_worker or exp.resources.inline or not cluster.get("GPU"):
             return None
         share = min(1.0, cluster["GPU"] / exp.max_concurrent_trials)
         print(f"ray-lt: {cluster['GPU']:g} GPU(s) found; each stage worker gets {share:g} GPU")
@@ -357,10 +440,12 @@ def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:
         value = (result.metrics or {}).get(metric)
         # a trial's last report carries "artifact" only when its whole pipeline finished
         finished = "artifact" in (result.metrics or {})
-        status = "ERROR" if result.error else "OK" if finished else "STOP"
+        failed = (result.metrics or {}).get(ERROR_KEY)
+        status = "ERROR" if result.error or failed else "OK" if finished else "STOP"
         ok += result.error is None and value is not None
         shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else value
         reason = f"  ({str(result.error).splitlines()[-1][:160]})" if result.error else ""
+        reason = f"  ({failed[:300]})" if failed else reason
         index = (result.config or {}).get(TRIAL_INDEX)
         seed = exp.seeds[int(index) % len(exp.seeds)] if index is not None else cfg.get("seed")
         cfg.pop("seed", None)

@@ -12,6 +12,9 @@ import json
 import math
 import os
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,13 +30,46 @@ def default_tracking_uri(cwd: str | None = None) -> str:
 
 
 def normalize_uri(uri: str) -> str:
-    """Absolute file paths for sqlite and plain paths; http(s) and others unchanged."""
+    """One absolute tracking URI for what users type.
+
+    ``sqlite:///rel.db`` and ``x.db`` become absolute SQLite URIs (Tune changes the working
+    directory of trials); a local folder, plain or ``file://``, holds ``mlflow.db`` (MLflow's file
+    store is refused by default since 3.x, RAY_NOTES.md); ``http(s)://`` and other schemes are
+    kept as they are.
+    """
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :]
         return f"sqlite:///{os.path.abspath(path)}" if not path.startswith("/") else uri
-    if "://" not in uri:
-        return f"sqlite:///{os.path.abspath(uri)}" if uri.endswith(".db") else uri
-    return uri
+    if uri.startswith("file:"):
+        uri = urllib.parse.unquote(urllib.parse.urlparse(uri).path)
+    if "://" in uri:
+        return uri
+    path = os.path.abspath(os.path.expanduser(uri))
+    return f"sqlite:///{path if path.endswith('.db') else os.path.join(path, 'mlflow.db')}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in one line, fast, when an ``http(s)://`` tracking server does not answer.
+
+    MLflow's own client would retry for minutes before failing; this asks the server's
+    ``/health`` endpoint once.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        reason = f"HTTP {err.code}"
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(getattr(err, "reason", err)).split())[:120]
+    raise RayLtError(
+        f"cannot reach the MLflow tracking server {uri} ({reason}); start it (python -m "
+        "ray_lt.tracking_server --port N) or pass --tracking-uri sqlite:///mlflow.db"
+    )
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -84,6 +120,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = normalize_uri(tracking_uri)
+        check_reachable(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(self.uri[len("sqlite:///") :]), exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
@@ -112,6 +151,16 @@ class Tracker:
         params = flatten({k: v for k, v in config.items() if not k.startswith("__")})
         self._log(run.info.run_id, params=params)
         return run.info.run_id
+
+    def finished_trial_run(self, trial_id: str) -> str | None:
+        """The run id of a FINISHED run of Tune trial ``trial_id``, if there is one."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`ray_lt.trial_id` = '{trial_id}' and attributes.status = "
+            "'FINISHED'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
 
     def log_stage(
         self,
@@ -170,9 +219,8 @@ class Tracker:
                 closed += 1
         return closed
 
-    def fail_trial(self, run_id: str, error: BaseException) -> None:
-        message = f"{type(error).__name__}: {error}"[:MAX_PARAM_LEN]
-        self.client.set_tag(run_id, "ray_lt.error", message)
+    def fail_trial(self, run_id: str, message: str) -> None:
+        self.client.set_tag(run_id, "ray_lt.error", message[:MAX_PARAM_LEN])
         self.client.set_terminated(run_id, "FAILED")
 
     def _log(

@@ -15,7 +15,7 @@ from tests.conftest import tiny_ce, tiny_crt
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
     yield
     ray.shutdown()
 

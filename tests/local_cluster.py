@@ -1,0 +1,171 @@
+"""A real multi-node Ray cluster on this machine: ``ray start --head`` plus worker nodes.
+
+Each node is its own ``ray start --block`` process in its own session, so a test can stop one
+whole node (its raylet, object store and every worker process) while the others keep running.
+Worker nodes carry a distinct custom resource (``node_w1``, ``node_w2``) so a test can tell them
+apart. Authentication is off (``RAY_AUTH_MODE=disabled``); everything binds to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from ray_lt.tracking_server import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # notice a stopped node in seconds, not the default half minute
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+class LocalCluster:
+    """Head (no CPUs: only the driver's bookkeeping lands there) and ``workers`` nodes."""
+
+    def __init__(self, logdir: Path, workers: int = 2, cpus_per_worker: int = 2) -> None:
+        self.logdir = logdir
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.workers = workers
+        self.cpus = cpus_per_worker
+        self.env = {**os.environ, **ENV}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.nodes[name] = subprocess.Popen(
+            [RAY, "start", "--block", "--node-ip-address=127.0.0.1", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+
+    def start(self) -> LocalCluster:
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=0",
+                "--object-store-memory=200000000",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+                "--disable-usage-stats",
+            ],
+        )
+        self._wait(lambda: self._nodes_alive() >= 1, "the head node")
+        for i in range(1, self.workers + 1):
+            self.add_worker(f"w{i}")
+        return self
+
+    def add_worker(self, name: str) -> None:
+        self._start(
+            name,
+            [
+                f"--address={self.address}",
+                f"--num-cpus={self.cpus}",
+                "--object-store-memory=200000000",
+                f"--resources={json.dumps({f'node_{name}': 1})}",
+            ],
+        )
+        want = sum(1 for n, p in self.nodes.items() if p.poll() is None)
+        self._wait(lambda: self._nodes_alive() >= want, f"worker node {name}")
+
+    def _nodes_alive(self) -> int:
+        return sum(n["state"] == "ALIVE" for n in self.node_list())
+
+    def node_list(self) -> list[dict]:
+        """Nodes from the dashboard's state API (empty while it is not up)."""
+        try:
+            url = f"{self.dashboard}/api/v0/nodes?limit=100&detail=true"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.loads(r.read())["data"]["result"]["result"]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def actors(self, class_name: str) -> list[dict]:
+        """Alive actors of a class, each with its ``node_id``."""
+        url = (
+            f"{self.dashboard}/api/v0/actors?limit=1000&detail=true"
+            f"&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
+        )
+        with urllib.request.urlopen(url, timeout=10) as r:
+            rows = json.loads(r.read())["data"]["result"]["result"]
+        return [a for a in rows if a["state"] == "ALIVE"]
+
+    def node_name(self, node_id: str) -> str | None:
+        """``w1``/``w2``/``head`` for a Ray node id."""
+        for node in self.node_list():
+            if node["node_id"] == node_id:
+                total = node.get("resources_total", {})
+                names = [k[len("node_") :] for k in total if k.startswith("node_w")]
+                return names[0] if names else "head"
+        return None
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a node's whole process tree, as a lost machine."""
+        proc = self.nodes.pop(name)
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM every node at once, then SIGKILL whatever of their trees is left."""
+        procs = [p for p in self.nodes.values() if p.poll() is None]
+        trees = [psutil.Process(p.pid).children(recursive=True) for p in procs]
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for p in [p for tree in trees for p in tree]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.nodes.clear()
+        # ``ray start`` leaves this file behind; a later bare ray.init() would try to join it
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{self.port}"):
+            current.unlink()
+
+    def _wait(self, ready, what: str, timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            dead = [n for n, p in self.nodes.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"ray node {dead} exited; see {self.logdir}")
+            time.sleep(1)
+        raise RuntimeError(f"{what} did not come up in {timeout_s:.0f} s; see {self.logdir}")
