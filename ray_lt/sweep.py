@@ -288,7 +288,9 @@ def build_tuner(
         max_concurrent_trials=exp.max_concurrent_trials,
         metric=exp.metrics[0] if single else None,
         mode=exp.modes[0] if single else None,
-        reuse_actors=True,  # a trial process imports torch and MLflow once, not once per trial
+        # A trial process imports torch and MLflow once, not once per trial. Not under ASHA: a
+        # trial it stops mid-stage must take its process (and the worker group) down with it.
+        reuse_actors=scheduler is None,
     )
     run_config = tune.RunConfig(
         storage_path=store.uri.rstrip("/") + "/_tune",
