@@ -326,7 +326,9 @@ def test_stale_lock_of_killed_holder_is_broken(tmp_path):
         while not ready.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ready.exists()
-        waiter = ArtifactStore(tmp_path).lock(KEY, "waiter", stale_after_s=2, heartbeat_s=0.5)
+        # the waiter judges staleness; 5 s leaves a loaded 2-core machine room for the holder's
+        # 0.5 s heartbeat, and waiting 3 s still shows a live holder is never broken
+        waiter = ArtifactStore(tmp_path).lock(KEY, "waiter", stale_after_s=5, heartbeat_s=0.5)
         assert not waiter.acquire(timeout_s=3, poll_s=0.2)  # the live holder keeps beating
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(10)
@@ -347,8 +349,8 @@ def test_heartbeat_keeps_a_live_lock(tmp_path):
     assert holder.acquire(timeout_s=0)
     path = tmp_path / "_locks" / f"{KEY}.lock"
     first = json.loads(path.read_text())["heartbeat_at"]
-    waiter = store.lock(KEY, "waiter", stale_after_s=1, heartbeat_s=0.2)
-    assert not waiter.acquire(timeout_s=2.5, poll_s=0.1)
+    waiter = store.lock(KEY, "waiter", stale_after_s=1.5, heartbeat_s=0.2)
+    assert not waiter.acquire(timeout_s=3, poll_s=0.1)  # twice the stale time: beats kept it
     record = json.loads(path.read_text())
     assert holder.held and record["owner"] == "holder" and record["heartbeat_at"] > first
     holder.release()
