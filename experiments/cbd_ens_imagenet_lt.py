@@ -2,11 +2,16 @@
 
 ResNet-50, 90 epochs, batch 128, lr 0.05 (0.1 per 256 images), cosine decay without warm-up,
 weight decay 5e-4 on every parameter, cosine heads with a fixed scale of 20, and four teachers
-(vanilla and data_aug, seeds 1 and 2). Until the ImageNet-LT loader lands (streamed through Ray
-Data), the sweep stops before any trial with a one-line error: unknown dataset 'imagenet_lt',
-followed by the list of datasets that exist.
+(vanilla and data_aug, seeds 1 and 2). Training images get RandomResizedCrop 224 + flip
+(``rrc_flip``; the original samples the box over 5-100% of the area, torchvision's 8-100% here),
+evaluation Resize 256 + CentreCrop 224. At 224 px ImageNet-LT streams through Ray Data
+(``DataSpec.placement="auto"``): JPEGs are decoded and cropped on CPU workers across the cluster.
 
-    RAY_LT_DATA=/path/with/ImageNet_LT python -m ray_lt.sweep experiments/cbd_ens_imagenet_lt.py
+    RAY_LT_DATA=/data python -m ray_lt.sweep experiments/cbd_ens_imagenet_lt.py
+    # /data/ImageNet_LT/ImageNet_LT_{train,val,test}.txt with the ImageNet train/ and val/ beside
+
+The smoke variant (``--smoke``) runs the same pipeline with ResNet-50 on a tiny tree in the same
+format at 32 px, inline on a CPU (``tests/image_trees.py`` makes one).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from ray import tune
 from ray_lt.data.spec import DataSpec
 from ray_lt.experiment import Experiment
 from ray_lt.recipes import cbd
-from ray_lt.spec import Resources, StageSpec, TrainSpec
+from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, SMOKE_TRAIN, smoke_data
+from ray_lt.spec import StageSpec, TrainSpec
 
 DATA = DataSpec(name="imagenet_lt")
 TRAIN = TrainSpec(
@@ -29,22 +35,27 @@ TRAIN = TrainSpec(
     weight_decay=5e-4,
     schedule="cosine",
     warmup_epochs=0,
+    augment="rrc_flip",
     eval_every=5,
 )
 
 
-def pipeline(config: dict[str, Any]) -> StageSpec:
+def pipeline(config: dict[str, Any], data: DataSpec = DATA, train: TrainSpec = TRAIN) -> StageSpec:
     return cbd(
         config["teachers"],
         config["seed"],
         alpha=0.4,
         beta=100.0,
-        data=DATA,
-        teacher_train=TRAIN,
-        student_train=TRAIN.replace(sampler="class_balanced"),
+        data=data,
+        teacher_train=train,
+        student_train=train.replace(sampler="class_balanced"),
         backbone="resnet50",
         scale=20.0,
     )
+
+
+def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
+    return pipeline(config, smoke_data("imagenet_lt"), SMOKE_TRAIN)
 
 
 experiment = Experiment(
@@ -57,5 +68,15 @@ experiment = Experiment(
     seeds=(1,),
     max_concurrent_trials=2,
     scheduler=None,
-    resources=Resources(num_workers=1, cpus_per_worker=8, gpus_per_worker=1),
+    resources=GPU_STAGE,
+    smoke=Experiment(
+        name="cbd_ens_imagenet_lt-smoke",
+        pipeline=smoke_pipeline,
+        param_space={"teachers": tune.grid_search(["vanilla1", "vanilla1+data_aug1"])},
+        search="grid",
+        seeds=(1,),
+        max_concurrent_trials=1,
+        scheduler=None,
+        resources=SMOKE_RESOURCES,
+    ),
 )

@@ -7,13 +7,16 @@ medium [20, 100) 3 -> 2 here, few [0, 20) 1; open ratio 16 for all; many and med
 (x0.1 every 10 epochs, capped at 100), few cosine over 60 epochs; patience 15. Calibration:
 lr 0.1, batch 256, StepLR 30 / 0.1, patience 30, on the val logits.
 
-Differences, until the models / augment registries grow them: our ResNet-10 has no 512-d FC
-after pooling (so the paper's num_learnable k >= 3 is our k - 1), and training uses
-``crop_flip`` where the original uses RandomResizedCrop 224 + flip + ColorJitter(0.4, 0.4, 0.4).
-Until the ImageNet-LT loader lands, the sweep stops before any trial with a one-line error:
-unknown dataset 'imagenet_lt', followed by the datasets that exist.
+Training images get RandomResizedCrop 224 + flip + ColorJitter(0.4, 0.4, 0.4) (``rrc_flip_jitter``;
+at 224 px ImageNet-LT streams through Ray Data, the crop on CPU workers, the jitter on the GPU).
+One difference remains: our ResNet-10 has no 512-d FC after pooling (so the paper's num_learnable
+k >= 3 is our k - 1).
 
-    RAY_LT_DATA=/path/with/ImageNet_LT python -m ray_lt.sweep experiments/cbe_imagenet_lt.py
+    RAY_LT_DATA=/data python -m ray_lt.sweep experiments/cbe_imagenet_lt.py
+    # /data/ImageNet_LT/ImageNet_LT_{train,val,test}.txt with the ImageNet train/ and val/ beside
+
+The smoke variant (``--smoke``) runs the pipeline with ResNet-10 on a tiny tree in the same
+format at 32 px (6 classes, see ``ray_lt.recipes.large.SMOKE_CBE_SPLITS``), inline on a CPU.
 """
 
 from __future__ import annotations
@@ -24,18 +27,29 @@ from ray import tune
 
 from ray_lt.data.spec import DataSpec
 from ray_lt.experiment import Experiment
-from ray_lt.recipes.cbe import CIFAR_CALIBRATION, cbe
-from ray_lt.spec import Resources, StageSpec, TrainSpec
+from ray_lt.recipes.cbe import CIFAR_CALIBRATION, SMOKE_CALIBRATION, cbe
+from ray_lt.recipes.large import (
+    GPU_STAGE,
+    SMOKE_CBE_SPLITS,
+    SMOKE_RESOURCES,
+    SMOKE_TRAIN,
+    smoke_data,
+)
+from ray_lt.spec import StageSpec, TrainSpec
 
 DATA = DataSpec(name="imagenet_lt")
 SEED = 5021
 GENERALIST = TrainSpec(
     epochs=100, batch_size=256, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-    select="best", patience=15,
+    augment="rrc_flip_jitter", select="best", patience=15,
 )  # fmt: skip
 STEP_EXPERT = GENERALIST.replace(schedule="step", milestones=tuple(range(10, 100, 10)), gamma=0.1)
 COSINE_EXPERT = GENERALIST.replace(epochs=60)
 SPLITS = ((100, None), (20, 100), (0, 20))
+
+
+SMOKE_GENERALIST = SMOKE_TRAIN.replace(augment="rrc_flip_jitter")
+SMOKE_EXPERT = SMOKE_GENERALIST.replace(select="best", patience=15)
 
 
 def pipeline(config: dict[str, Any]) -> StageSpec:
@@ -54,6 +68,21 @@ def pipeline(config: dict[str, Any]) -> StageSpec:
     )
 
 
+def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
+    return cbe(
+        config["seed"],
+        splits=SMOKE_CBE_SPLITS,
+        open_ratio=16.0,
+        num_learnable=(-1, 2, 1),
+        calibration=config["calibration"],
+        data=smoke_data("imagenet_lt"),
+        backbone="resnet10",
+        generalist_train=SMOKE_GENERALIST,
+        expert_train=SMOKE_EXPERT,
+        calibration_train=SMOKE_CALIBRATION,
+    )
+
+
 experiment = Experiment(
     name="cbe_imagenet_lt",
     pipeline=pipeline,
@@ -62,5 +91,15 @@ experiment = Experiment(
     seeds=(SEED,),
     max_concurrent_trials=1,
     scheduler=None,
-    resources=Resources(num_workers=1, cpus_per_worker=8, gpus_per_worker=1),
+    resources=GPU_STAGE,
+    smoke=Experiment(
+        name="cbe_imagenet_lt-smoke",
+        pipeline=smoke_pipeline,
+        param_space={"calibration": tune.grid_search(["full"])},
+        search="grid",
+        seeds=(SEED,),
+        max_concurrent_trials=1,
+        scheduler=None,
+        resources=SMOKE_RESOURCES,
+    ),
 )

@@ -6,11 +6,16 @@ MoCo-v2 key view with Gaussian blur. Stage II: LWS, 5 epochs, batch 512, lr 0.2,
 class-aware sampling (2 per class visit). Stage III: 135 epochs as stage I, T = 2, CE : KD 1 : 1.
 Rows: the method with and without the final LWS fine-tune of the hard head.
 
-The weak view is a placeholder (``crop_flip``) until the ImageNet-LT loader lands (issue 8, with
-its RandomResizedCrop-224 + colour-jitter view); until then the sweep stops before any trial with
-a one-line error: unknown dataset 'imagenet_lt', followed by the list of datasets that exist.
+The weak view is RandomResizedCrop 224 + flip + ColorJitter(0.4, 0.4, 0.4) (``rrc_flip_jitter``).
+ImageNet-LT at 224 px streams through Ray Data: the CPU decoder takes the random resized crop from
+the full JPEG and the device applies the jitter; the MoCo key view is then drawn on the device from
+that crop (a crop of a crop, where the original draws both views from the full image).
 
-    RAY_LT_DATA=/path/with/ImageNet_LT python -m ray_lt.sweep experiments/ssd_lt_imagenet_lt.py
+    RAY_LT_DATA=/data python -m ray_lt.sweep experiments/ssd_lt_imagenet_lt.py
+    # /data/ImageNet_LT/ImageNet_LT_{train,val,test}.txt with the ImageNet train/ and val/ beside
+
+The smoke variant (``--smoke``) runs the pipeline with ResNeXt-50 on a tiny tree in the same format
+at 32 px, inline on a CPU, with a small queue and the blur-free key view.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from ray import tune
 
 from ray_lt.data.spec import DataSpec
 from ray_lt.experiment import Experiment
+from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, SMOKE_TRAIN, smoke_data
 from ray_lt.recipes.ssd_lt import REPORT_METRICS, ssd_lt
-from ray_lt.spec import Resources, StageSpec, TrainSpec
+from ray_lt.spec import StageSpec, TrainSpec
 
 DATA = DataSpec(name="imagenet_lt")
 TRAIN = TrainSpec(
@@ -33,6 +39,7 @@ TRAIN = TrainSpec(
     weight_decay=5e-4,
     schedule="cosine",
     warmup_epochs=0,
+    augment="rrc_flip_jitter",
     eval_every=5,
 )
 LWS_TRAIN = TrainSpec(
@@ -44,24 +51,34 @@ LWS_TRAIN = TrainSpec(
     schedule="cosine",
     sampler="class_aware",
     sampler_params={"k": 2},
+    augment="rrc_flip_jitter",
 )
 QUEUE = 115_712  # 452 x 256 <= 115,846 training images
 
 
-def pipeline(config: dict[str, Any]) -> StageSpec:
+SMOKE = SMOKE_TRAIN.replace(augment="rrc_flip_jitter")
+
+
+def pipeline(config: dict[str, Any], smoke: bool = False) -> StageSpec:
     return ssd_lt(
         config["seed"],
         finetune=config["finetune"],
         temperature=2.0,
-        queue_size=QUEUE,
-        data=DATA,
+        queue_size=32 if smoke else QUEUE,
+        data=smoke_data("imagenet_lt") if smoke else DATA,
         backbone="resnext50_32x4d",
         hidden_dim=2048,
-        key_augment="moco_v2_blur",
-        feature_train=TRAIN,
-        lws_train=LWS_TRAIN,
-        distill_train=TRAIN,
+        key_augment="moco_v2" if smoke else "moco_v2_blur",
+        feature_train=SMOKE if smoke else TRAIN,
+        lws_train=SMOKE.replace(sampler="class_aware", sampler_params={"k": 2})
+        if smoke
+        else LWS_TRAIN,
+        distill_train=SMOKE if smoke else TRAIN,
     )
+
+
+def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
+    return pipeline(config, smoke=True)
 
 
 experiment = Experiment(
@@ -73,5 +90,16 @@ experiment = Experiment(
     max_concurrent_trials=1,
     scheduler=None,
     report_metrics=REPORT_METRICS,
-    resources=Resources(num_workers=1, cpus_per_worker=8, gpus_per_worker=1),
+    resources=GPU_STAGE,
+    smoke=Experiment(
+        name="ssd_lt_imagenet_lt-smoke",
+        pipeline=smoke_pipeline,
+        param_space={"finetune": tune.grid_search([False])},
+        search="grid",
+        seeds=(0,),
+        max_concurrent_trials=1,
+        scheduler=None,
+        report_metrics=REPORT_METRICS,
+        resources=SMOKE_RESOURCES,
+    ),
 )

@@ -34,6 +34,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ray_lt.data import augment_batch, draw_epoch, normalize_batch
+from ray_lt.data.augment import streamed_augment
+from ray_lt.data.sources import ImageSource, image_source
 from ray_lt.data.spec import LTDataset, Split
 from ray_lt.errors import ConfigError
 from ray_lt.metrics import GROUP_NAMES, per_class_accuracy, shot_accuracy, shot_groups
@@ -199,15 +201,23 @@ def _predict(objective: Objective, params: Any, model: nn.Module, x: torch.Tenso
 
 
 def _inputs(
-    raw: torch.Tensor, data: LTDataset, train: TrainSpec, device: torch.device, gen=None
+    raw: torch.Tensor,
+    data: LTDataset,
+    train: TrainSpec,
+    device: torch.device,
+    gen=None,
+    augment: str | None = None,
 ) -> torch.Tensor:
-    """The model's input batch: augmented (training) or normalised images, or float rows as is."""
+    """The model's input batch: augmented (training) or normalised images, or float rows as is.
+
+    ``augment`` overrides ``train.augment`` (a streamed split whose crop the CPU already took).
+    """
     if raw.dtype != torch.uint8:  # precomputed features / logits: nothing to augment
         return raw
     if gen is None:
         x = normalize_batch(raw, data.mean, data.std)
     else:
-        x = augment_batch(train.augment, raw, gen, data.mean, data.std)
+        x = augment_batch(augment or train.augment, raw, gen, data.mean, data.std)
     if device.type == "cuda" and train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -219,7 +229,7 @@ def evaluate(
     params: Any,
     model: nn.Module,
     split: Split,
-    images: torch.Tensor,
+    source: ImageSource,
     data: LTDataset,
     train: TrainSpec,
     device: torch.device,
@@ -227,8 +237,11 @@ def evaluate(
     """Logits, features and extras of a whole split (float32, on the CPU), no augmentation."""
     model.eval()
     logits, feats, extras = [], [], {}
-    for start in range(0, len(split.labels), EVAL_BATCH):
-        x = _inputs(images[start : start + EVAL_BATCH], data, train, device)
+    expected = 0
+    for rows, raw in source.eval_batches(EVAL_BATCH):
+        assert int(rows[0]) == expected, (int(rows[0]), expected)  # row order, always
+        expected += len(rows)
+        x = _inputs(raw, data, train, device)
         with torch.autocast(device.type, torch.bfloat16, enabled=_amp(train, device)):
             f, z, more = _predict(objective, params, model, x)
         logits.append(z.float().cpu())
@@ -305,16 +318,21 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
     params = parse_params(run.objective, spec)
     torch.manual_seed(train.seed)
     data = prepare_data(run.objective, params, run.data, run.inputs)
-    images = _tensor(data.train.images, device)
     labels = _tensor(data.train.labels, device)
-    if images.dtype != torch.uint8 and train.augment != "none":
+    if data.train.images.dtype == np.float32 and train.augment != "none":
         raise ConfigError(
             f"stage {spec.name}: its inputs are precomputed float rows, which cannot be "
             f"augmented with '{train.augment}'; set augment='none' in its TrainSpec"
         )
+    # A streamed split may have its random resized crop taken by the CPU decoder; the device
+    # then applies only the rest of the augmentation (ray_lt.data.augment.STREAM_DEVICE_PART).
+    cpu_crop, augment = (
+        streamed_augment(train.augment) if data.train.streamed else (False, train.augment)
+    )
+    train_source = image_source(data.train, data, device, train_crop=cpu_crop)
     split_images = {
-        "test": _tensor(data.test.images, device),
-        "val": _tensor(data.val.images, device),
+        "test": image_source(data.test, data, device),
+        "val": image_source(data.val, data, device),
     }
     counts = data.class_counts
     ctx = StageContext(
@@ -325,7 +343,7 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
         class_counts=torch.as_tensor(counts, device=device),
     )
     model = run.objective.build(params, ctx).to(device)
-    if device.type == "cuda" and train.channels_last and images.ndim == 4:
+    if device.type == "cuda" and train.channels_last and data.train.images.ndim in (1, 4):
         model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -387,10 +405,11 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
         order = order[rank::world]
         steps = math.ceil(len(order) / per_rank_batch)
         sums: dict[str, torch.Tensor] = {}
-        for step in range(steps):
-            idx = order[step * per_rank_batch : (step + 1) * per_rank_batch]
-            raw = images[idx]
-            x = _inputs(raw, data, train, device, gen)
+        batches = train_source.train_batches(
+            order, per_rank_batch, seed=int(order_seed(train, epoch, rank))
+        )
+        for step, (idx, raw) in enumerate(batches):
+            x = _inputs(raw, data, train, device, gen, augment)
             batch = Batch(x=x, y=labels[idx], index=idx, raw=raw, generator=gen)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(train, epoch + step / steps)
@@ -471,6 +490,11 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
     return summary
 
 
+def order_seed(train: TrainSpec, epoch: int, rank: int) -> int:
+    """Seed of a streamed epoch's CPU crops: fixed by the stage seed, the epoch and the rank."""
+    return (train.seed * 100_003 + epoch) * 1_009 + rank
+
+
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -488,7 +512,7 @@ def evaluate_splits(
     run: StageRun,
     params: Any,
     model: nn.Module,
-    split_images: Mapping[str, torch.Tensor],
+    split_images: Mapping[str, ImageSource],
     device: torch.device,
     data: LTDataset,
 ) -> dict[str, SplitOutputs]:

@@ -54,11 +54,12 @@ def _cli(tmp_path, file, env=None):
 @pytest.mark.parametrize(
     "file, env, expected",
     [
-        ("experiments/cbe_imagenet_lt.py", {}, "unknown dataset 'imagenet_lt'"),
+        ("experiments/cbe_imagenet_lt.py", {"RAY_LT_DATA": "/no/such/data"}, "ImageNet_LT"),
         ("experiments/cbe_places_lt.py", {"RAY_LT_RESNET152_WEIGHTS": ""},
          "set RAY_LT_RESNET152_WEIGHTS"),
-        ("experiments/cbe_places_lt.py", {"RAY_LT_RESNET152_WEIGHTS": "/no/such/w.safetensors"},
-         "unknown dataset 'places_lt'"),
+        ("experiments/cbe_places_lt.py",
+         {"RAY_LT_RESNET152_WEIGHTS": "/no/such/w.safetensors", "RAY_LT_DATA": "/no/such/data"},
+         "Places_LT"),
     ],
 )  # fmt: skip
 def test_full_scale_files_fail_clearly(tmp_path, file, env, expected):

@@ -59,7 +59,11 @@ def _cli(tmp_path, *args, env=None):
         (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "empty"}, "empty teacher list"),
         (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "unknown"}, "unknown teacher 'vanila2'"),
         (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "widths"}, "teacher0=64, teacher1=512"),
-        (ROOT / "experiments/cbd_ens_imagenet_lt.py", {}, "unknown dataset 'imagenet_lt'"),
+        (
+            ROOT / "experiments/cbd_ens_imagenet_lt.py",
+            {"RAY_LT_DATA": "/no/such/data"},
+            "ImageNet_LT",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, file, env, expected):

@@ -37,7 +37,7 @@ def test_smoke_variant_is_small_and_reports_both_heads():
     assert len(exp.smoke.param_space["variant"]["grid_search"]) <= 4
 
 
-def test_imagenet_lt_fails_clearly_before_any_trial(tmp_path):
+def test_imagenet_lt_without_its_files_fails_clearly_before_any_trial(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
@@ -50,14 +50,14 @@ def test_imagenet_lt_fails_clearly_before_any_trial(tmp_path):
             f"sqlite:///{tmp_path / 'm.db'}",
         ],
         cwd=tmp_path,
-        env=dict(os.environ),
+        env={**os.environ, "RAY_LT_DATA": str(tmp_path / "no_data")},
         capture_output=True,
         text=True,
         timeout=300,
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 1 and "unknown dataset 'imagenet_lt'" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and "ImageNet_LT" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "s" / "_tune").exists()
     # the official settings are what the file promises

@@ -150,6 +150,7 @@ def colour_distort(
     strength: float = 1.0,
     p_jitter: float = 0.8,
     p_grey: float = 0.2,
+    hue: float | None = None,
 ) -> torch.Tensor:
     """SimCLR-v2 colour distortion of float images in [0, 1], batched, per-image draws.
 
@@ -163,6 +164,7 @@ def colour_distort(
         strength: s; brightness / contrast / saturation spread 0.8 s, hue spread 0.2 s.
         p_jitter: probability that an image gets the colour jitter.
         p_grey: probability that an image is then converted to greyscale.
+        hue: hue spread in turns (default 0.2 s; 0 for torchvision's ``ColorJitter(..., 0)``).
     """
     b, dev = x.shape[0], generator.device
 
@@ -173,7 +175,8 @@ def colour_distort(
     jitter = (torch.rand(b, generator=generator, device=dev) < p_jitter).to(x.device)
     spread = 0.8 * strength
     factors = [uniform(max(1.0 - spread, 0.0), 1.0 + spread) for _ in range(3)]
-    factors.append(uniform(-0.2 * strength, 0.2 * strength))
+    hue_spread = 0.2 * strength if hue is None else hue
+    factors.append(uniform(-hue_spread, hue_spread))
     order = torch.rand(b, 4, generator=generator, device=dev).argsort(1).to(x.device)
     grey = (torch.rand(b, generator=generator, device=dev) < p_grey).to(x.device)
     out = x
@@ -260,10 +263,12 @@ def resized_crop_boxes(
     return torch.stack((top, left, h, w), 1)
 
 
-def _resized_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _resized_crop_flip(
+    x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = MOCO_SCALE
+) -> torch.Tensor:
     """Float images -> RandomResizedCrop to the same size, then flip with p 0.5; one sampling."""
     b, _, height, width = x.shape
-    boxes = resized_crop_boxes(b, height, width, generator).to(x.device)
+    boxes = resized_crop_boxes(b, height, width, generator, scale=scale).to(x.device)
     flip = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(x.device)
     top, left, h, w = boxes.unbind(1)
     # align_corners=False: -1 / +1 are the outer edges of the first / last pixel.
@@ -356,3 +361,66 @@ def augment_batch(
         std: per-channel standard deviation (``LTDataset.std``).
     """
     return AUGMENTS.get(name)(x, generator, mean, std)
+
+
+# --- ImageNet-style training (the ImageNet-LT / Places-LT / iNat18 recipes) ----------------------
+#
+# RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + horizontal flip, optionally followed by
+# ColorJitter(0.4, 0.4, 0.4, 0) (CBE, the decoupling baselines). On the device path the crop is
+# taken from the stored image (already resized and centre-cropped at load); on the streaming path
+# the CPU decoder takes it from the full JPEG, as torchvision does, and only the photometric part
+# runs here: ``STREAM_DEVICE_PART`` names it. Jitter: ``colour_distort`` with factors U[0.6, 1.4],
+# no hue, always on, random op order per image; its contrast is about each channel's mean (TF),
+# where torchvision blends with the greyscale mean.
+
+IMAGENET_SCALE = (0.08, 1.0)
+
+
+def _jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return colour_distort(images, generator, strength=0.5, p_jitter=1.0, p_grey=0.0, hue=0.0)
+
+
+@AUGMENTS.register("rrc_flip")
+def rrc_flip(
+    x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """RandomResizedCrop(scale 0.08-1) to the input size + flip, then normalise (ImageNet)."""
+    _check(x)
+    images = _resized_crop_flip(x.float() / 255.0, generator, scale=IMAGENET_SCALE)
+    return _normalize_float(images, mean, std)
+
+
+@AUGMENTS.register("color_jitter")
+def color_jitter(
+    x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """ColorJitter(0.4, 0.4, 0.4, 0) on every image, then normalise; no geometry."""
+    _check(x)
+    return _normalize_float(_jitter(x.float() / 255.0, generator), mean, std)
+
+
+@AUGMENTS.register("rrc_flip_jitter")
+def rrc_flip_jitter(
+    x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """``rrc_flip`` then ``color_jitter``: CBE's ImageNet-LT / Places-LT training transform."""
+    _check(x)
+    images = _resized_crop_flip(x.float() / 255.0, generator, scale=IMAGENET_SCALE)
+    return _normalize_float(_jitter(images, generator), mean, std)
+
+
+#: Augmentations whose geometry the CPU decoder does on a streamed split, and the part left for
+#: the device. Any other augmentation streams a resized centre crop and runs whole on the device.
+STREAM_DEVICE_PART = {"rrc_flip": "none", "rrc_flip_jitter": "color_jitter"}
+
+
+def streamed_augment(name: str) -> tuple[bool, str]:
+    """For a streamed split: (whether the CPU takes the random resized crop, device augment).
+
+    Args:
+        name: the stage's ``TrainSpec.augment``.
+    """
+    AUGMENTS.get(name)  # an unknown name fails here, naming the known ones
+    if name in STREAM_DEVICE_PART:
+        return True, STREAM_DEVICE_PART[name]
+    return False, name

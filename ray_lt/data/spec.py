@@ -27,6 +27,10 @@ from ray_lt.registry import Registry
 DATA_ROOT_ENV = "RAY_LT_DATA"
 #: How many loaded datasets ``load_dataset`` keeps in memory (decoding PNGs costs seconds).
 CACHE_SIZE = 4
+#: Where a dataset's pixels live while a stage trains (``DataSpec.placement``).
+PLACEMENTS = ("auto", "device", "stream")
+# DataSpec fields added after stores existed: hashed into a key only when not at the default.
+_LATER_FIELDS = {"image_size": 224, "placement": "auto"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class DataSpec:
 
     ``num_classes``, ``max_per_class`` and ``test_per_class`` apply to ``synthetic_lt`` only:
     CIFAR fixes them (10 or 100 classes, n_max 5000 or 500, the official balanced test set).
+    ``image_size`` (the crop fed to the model) and ``placement`` apply to the JPEG datasets read
+    from split lists (``imagenet_lt``, ``places_lt``, ``inat18``): ``placement="auto"`` keeps a
+    dataset on the device when its pixels at ``image_size`` fit ``DEVICE_BYTES_LIMIT`` and streams
+    it through Ray Data otherwise; ``"device"`` or ``"stream"`` force the choice.
     """
 
     name: str = "synthetic_lt"
@@ -44,6 +52,8 @@ class DataSpec:
     max_per_class: int = 500
     test_per_class: int = 100
     val_per_class: int = 20
+    image_size: int = 224
+    placement: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -68,12 +78,32 @@ class DataSpec:
                 raise ConfigError(
                     f"DataSpec.{key} must be an integer >= {low}, got {value!r}; fix the data spec"
                 )
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
+            raise ConfigError(f"DataSpec.image_size must be an integer, got {self.image_size!r}")
+        if not 8 <= self.image_size <= 1024:
+            raise ConfigError(
+                f"DataSpec.image_size must be in 8..1024 pixels (224 for ImageNet recipes), "
+                f"got {self.image_size}"
+            )
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(
+                f"DataSpec.placement must be one of {', '.join(PLACEMENTS)}, got "
+                f"{self.placement!r}"
+            )
         if self.seed >= 2**32:
             raise ConfigError(f"DataSpec.seed must be < 2**32 (a NumPy seed), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as a JSON-serialisable dict (the inverse of :meth:`from_dict`)."""
-        return dataclasses.asdict(self)
+        """The spec as a JSON-serialisable dict (the inverse of :meth:`from_dict`).
+
+        Fields added after stores existed are left out at their defaults, so the stage keys of
+        every spec that does not set them stay what they were.
+        """
+        d = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataSpec:
@@ -97,7 +127,10 @@ class Split:
     """One split: uint8 NCHW images, int64 labels and each image's row in its source file.
 
     ``images`` may instead be float32 rows ``[N, ...]`` (precomputed features or logits): the
-    engine then feeds them to the model as they are, with no augmentation or normalisation.
+    engine then feeds them to the model as they are, with no augmentation or normalisation. Or it
+    may be a 1-D unicode array of image paths (relative to ``LTDataset.image_root``): a streamed
+    split, decoded batch by batch on CPU workers (``ray_lt.data.sources``), never loaded whole.
+    Objectives that take row subsets (``images[rows]``) work the same on all three.
     """
 
     images: np.ndarray
@@ -108,6 +141,8 @@ class Split:
         n = len(self.labels)
         if self.images.dtype == np.uint8:
             assert self.images.ndim == 4 and self.images.shape[1] == 3, self.images.shape
+        elif self.images.dtype.kind == "U":  # image paths of a streamed split
+            assert self.images.ndim == 1, self.images.shape
         else:  # precomputed float inputs (features or logits, e.g. CBE's calibration)
             assert self.images.dtype == np.float32 and self.images.ndim >= 2, self.images.dtype
         assert self.images.shape[0] == n, (self.images.shape, n)
@@ -117,6 +152,11 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether ``images`` holds paths to decode on the fly rather than pixels."""
+        return self.images.dtype.kind == "U"
 
     @classmethod
     def empty(cls, height: int = 32, width: int = 32) -> Split:
@@ -143,6 +183,10 @@ class LTDataset:
     # Set by a view whose train rows are not the dataset's training images (CBE's calibration
     # trains on validation logits): its shot groups must still come from the real counts.
     train_counts: np.ndarray | None = None
+    # Streamed splits: the folder their relative paths hang off (shared storage on a cluster,
+    # the same path on every node) and the square crop decoded for the model.
+    image_root: str = ""
+    image_size: int = 0
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -193,6 +237,11 @@ def load_dataset(spec: DataSpec, root: str | os.PathLike[str] | None = None) -> 
             _cache.move_to_end(key)
             return _cache[key]
     dataset = builder(spec, key[1])
+    if spec.placement == "stream" and not dataset.train.streamed:
+        raise ConfigError(
+            f"dataset '{spec.name}' is decoded in memory and cannot stream; placement='stream' "
+            "applies to the JPEG datasets (imagenet_lt, places_lt, inat18): use 'auto' or 'device'"
+        )
     with _cache_lock:
         _cache[key] = dataset
         while len(_cache) > CACHE_SIZE:

@@ -1,0 +1,95 @@
+"""SSD-LT on iNaturalist 2018, for users who have the data.
+
+The released code covers ImageNet-LT only (methods/ssd_lt.md); iNat18 settings follow the usual
+convention and are unverified: ResNet-50 from scratch in every stage, the ImageNet-LT stage
+settings (135 epochs, batch 256, lr 0.1, cosine, wd 5e-4, T = 2, CE : KD 1 : 1), the MoCo queue
+the largest multiple of 256 below the 437,513 training images, the weak view
+``rrc_flip_jitter``. The test split is the official val2018 set; iNat18 has no validation split.
+
+    RAY_LT_DATA=/data python -m ray_lt.sweep experiments/ssd_lt_inat18.py
+    # /data/iNat18/{train2018,val2018}.json with train_val2018/ beside them
+
+The smoke variant (``--smoke``) runs the pipeline with ResNet-50 on a tiny tree in the iNat18
+format at 32 px, inline on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from ray_lt.data.spec import DataSpec
+from ray_lt.experiment import Experiment
+from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, SMOKE_TRAIN, smoke_data
+from ray_lt.recipes.ssd_lt import REPORT_METRICS, ssd_lt
+from ray_lt.spec import StageSpec, TrainSpec
+
+# iNat18 has no validation split: trials report the test split (a grid, nothing is selected by it)
+METRIC = "overall"
+
+DATA = DataSpec(name="inat18")
+TRAIN = TrainSpec(
+    epochs=135,
+    batch_size=256,
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=5e-4,
+    schedule="cosine",
+    warmup_epochs=0,
+    augment="rrc_flip_jitter",
+    eval_every=5,
+)
+LWS_TRAIN = TRAIN.replace(
+    epochs=5, batch_size=512, lr=0.2, sampler="class_aware", sampler_params={"k": 2}
+)
+QUEUE = 437_504  # 1709 x 256 <= 437,513 training images
+SMOKE = SMOKE_TRAIN.replace(augment="rrc_flip_jitter")
+
+
+def pipeline(config: dict[str, Any], smoke: bool = False) -> StageSpec:
+    return ssd_lt(
+        config["seed"],
+        finetune=config["finetune"],
+        temperature=2.0,
+        queue_size=32 if smoke else QUEUE,
+        data=smoke_data("inat18") if smoke else DATA,
+        backbone="resnet50",
+        hidden_dim=2048,
+        key_augment="moco_v2" if smoke else "moco_v2_blur",
+        feature_train=SMOKE if smoke else TRAIN,
+        lws_train=SMOKE.replace(sampler="class_aware", sampler_params={"k": 2})
+        if smoke
+        else LWS_TRAIN,
+        distill_train=SMOKE if smoke else TRAIN,
+    )
+
+
+def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
+    return pipeline(config, smoke=True)
+
+
+experiment = Experiment(
+    name="ssd_lt_inat18",
+    pipeline=pipeline,
+    param_space={"finetune": tune.grid_search([False, True])},
+    search="grid",
+    metric=METRIC,
+    seeds=(0,),
+    max_concurrent_trials=1,
+    scheduler=None,
+    report_metrics=REPORT_METRICS,
+    resources=GPU_STAGE,
+    smoke=Experiment(
+        name="ssd_lt_inat18-smoke",
+        pipeline=smoke_pipeline,
+        param_space={"finetune": tune.grid_search([False])},
+        search="grid",
+        metric=METRIC,
+        seeds=(0,),
+        max_concurrent_trials=1,
+        scheduler=None,
+        report_metrics=REPORT_METRICS,
+        resources=SMOKE_RESOURCES,
+    ),
+)

@@ -1,0 +1,182 @@
+"""Where the engine's batches come from: a tensor on the device, or JPEGs streamed by Ray Data.
+
+The engine asks a source for a training epoch's batches in a sampled order and for a split's
+evaluation batches in row order; it gets ``(rows, raw)`` pairs, ``rows`` the int64 row numbers on
+the device, ``raw`` the uint8 images (or float rows) on the device. So the loop, the samplers and
+the objectives are the same whichever source feeds them:
+
+- ``DeviceSource``: a small dataset lives on the device as one tensor (DESIGN.md "Data"); a batch
+  is one gather, with no host round trip.
+- ``StreamSource``: a split too large for the device is a list of JPEG paths. Each epoch, the
+  sampler's order (drawn exactly as for a device split, so class-balanced and square-root sampling
+  hold unchanged) becomes a Ray Data dataset whose ``map_batches`` tasks decode and crop on CPU
+  workers anywhere in the cluster (``ray_lt.data.decode``); batches reach the device through
+  ``iter_torch_batches``, pinned on CUDA.
+
+Why not ``ray.train.get_dataset_shard``: a Train dataset is fixed when ``fit()`` starts, but the
+samplers redraw every epoch (class-aware and progressive sampling change with the epoch) and a
+resumed stage must start at its checkpoint's epoch with that epoch's exact draws. Building the
+epoch's dataset from the drawn order in each worker keeps both; each rank streams its own share.
+Every row carries a seed derived from (stage seed, epoch, position), so a crop never depends on how
+Ray Data batched the rows, and ``preserve_order`` keeps the sampled order: an epoch is the same
+bytes on a rerun or a resume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ray_lt.data.spec import LTDataset, Split
+
+#: Rows per decode task batch (one ``map_batches`` call).
+DECODE_BATCH = 64
+#: Rows per Ray Data block: small enough that an epoch spreads over many decode tasks.
+BLOCK_ROWS = 512
+#: Environment variable: CPUs each decode task reserves (default 1).
+DECODE_CPUS_ENV = "RAY_LT_DECODE_CPUS"
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+class ImageSource(Protocol):
+    """A split's images as the engine consumes them."""
+
+    def __len__(self) -> int: ...
+
+    def train_batches(self, order: torch.Tensor, batch_size: int, seed: int) -> Batches: ...
+
+    def eval_batches(self, batch_size: int) -> Batches: ...
+
+
+class DeviceSource:
+    """A split held on the device as one tensor: batches are gathers."""
+
+    def __init__(self, array: np.ndarray, device: torch.device):
+        # Arrays from the object store are read-only; the engine never writes them.
+        if not array.flags.writeable and device.type == "cpu":
+            array = array.copy()
+        self.images = torch.from_numpy(array).to(device)
+        self.device = device
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def train_batches(self, order: torch.Tensor, batch_size: int, seed: int) -> Batches:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            yield rows, self.images[rows]
+
+    def eval_batches(self, batch_size: int) -> Batches:
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield torch.arange(start, stop, device=self.device), self.images[start:stop]
+
+
+def decode_cpus() -> float:
+    """CPUs one decode task reserves: ``$RAY_LT_DECODE_CPUS`` or 1."""
+    value = os.environ.get(DECODE_CPUS_ENV, "1")
+    try:
+        cpus = float(value)
+    except ValueError:
+        cpus = -1.0
+    if not cpus > 0:
+        from ray_lt.errors import ConfigError
+
+        raise ConfigError(f"{DECODE_CPUS_ENV}={value!r}: use a number of CPUs > 0, e.g. 1 or 0.5")
+    return cpus
+
+
+def row_seeds(seed: int, count: int) -> np.ndarray:
+    """One int64 seed per position of an epoch's order, from the epoch's seed."""
+    return (np.int64(seed) * np.int64(1_000_003) + np.arange(count, dtype=np.int64)) & (2**62 - 1)
+
+
+class StreamSource:
+    """A split of JPEG paths decoded by Ray Data tasks; nothing but the paths stays in memory.
+
+    Args:
+        split: a streamed split (``images`` holds relative paths).
+        image_root: the folder the paths hang off, the same on every node.
+        size: the square crop fed to the model.
+        device: where the batches go.
+        train_crop: whether training batches get the random resized crop + flip on the CPU
+            (the ImageNet transform) or the evaluation crop (the device then augments it).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        image_root: str,
+        size: int,
+        device: torch.device,
+        train_crop: bool = True,
+    ):
+        self.paths = split.images
+        self.image_root = image_root
+        self.size = size
+        self.device = device
+        self.train_crop = train_crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def train_batches(self, order: torch.Tensor, batch_size: int, seed: int) -> Batches:
+        rows = order.cpu().numpy().astype(np.int64)
+        yield from self._stream(rows, row_seeds(seed, len(rows)), batch_size, self.train_crop)
+
+    def eval_batches(self, batch_size: int) -> Batches:
+        rows = np.arange(len(self), dtype=np.int64)
+        yield from self._stream(rows, np.zeros(len(rows), np.int64), batch_size, False)
+
+    def _stream(self, rows: np.ndarray, seeds: np.ndarray, batch_size: int, train: bool):
+        if len(rows) == 0:
+            return
+        import ray.data
+
+        from ray_lt.data.decode import decode_rows
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the sampled order, exactly
+        # one dataset per epoch and split: progress bars would flood the trial's log
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        blocks = [
+            pa.table(
+                {
+                    "row": rows[i : i + BLOCK_ROWS],
+                    "path": self.paths[rows[i : i + BLOCK_ROWS]],
+                    "seed": seeds[i : i + BLOCK_ROWS],
+                }
+            )
+            for i in range(0, len(rows), BLOCK_ROWS)
+        ]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            decode_rows,
+            fn_kwargs={"image_root": self.image_root, "size": self.size, "train": train},
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+            num_cpus=decode_cpus(),
+        )
+        cuda = self.device.type == "cuda"
+        for batch in ds.iter_torch_batches(
+            batch_size=batch_size,
+            device=self.device,
+            pin_memory=cuda,
+            prefetch_batches=4 if cuda else 1,
+        ):
+            yield batch["row"].to(self.device), batch["image"].to(self.device)
+
+
+def image_source(
+    split: Split, data: LTDataset, device: torch.device, train_crop: bool = True
+) -> ImageSource:
+    """The source for a split: streamed when it holds paths, else a device tensor."""
+    if split.streamed:
+        return StreamSource(split, data.image_root, data.image_size, device, train_crop)
+    return DeviceSource(split.images, device)

@@ -1,0 +1,39 @@
+"""Settings shared by the ImageNet-LT, Places-LT and iNaturalist 2018 experiment files.
+
+The full recipes (methods/*.md) train at 224 px on a GPU cluster with the data streamed through
+Ray Data. Their smoke variants run the same pipelines, with the same backbones, on a tiny JPEG
+tree in the dataset's own format (``tests/image_trees.py`` makes one) at 32 px, one epoch per
+stage, inline on a CPU: what a test or a user's first check needs, in seconds per stage.
+"""
+
+from __future__ import annotations
+
+from ray_lt.data.spec import DataSpec
+from ray_lt.spec import Resources, TrainSpec
+
+#: One GPU worker per stage with 8 CPUs for its process; decoding runs in Ray Data tasks that
+#: reserve their own CPUs across the cluster.
+GPU_STAGE = Resources(num_workers=1, cpus_per_worker=8, gpus_per_worker=1)
+
+SMOKE_IMAGE_SIZE = 32
+#: Inline stages: a smoke stage is seconds of training, a worker group would add 20 s each.
+SMOKE_RESOURCES = Resources(num_workers=0, cpus_per_worker=1)
+SMOKE_TRAIN = TrainSpec(
+    epochs=1,
+    batch_size=16,
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=5e-4,
+    schedule="cosine",
+    augment="rrc_flip",
+    eval_every=1,
+    amp=False,
+)
+#: CBE's expert split thresholds for the smoke trees of ``tests/image_trees.make_tree`` with
+#: num_classes=6, max_per_class=24, imbalance=12 (train counts 24 14 8 5 3 2): 2 / 2 / 2 classes.
+SMOKE_CBE_SPLITS = ((10, None), (4, 10), (0, 4))
+
+
+def smoke_data(name: str, placement: str = "auto") -> DataSpec:
+    """A JPEG dataset at the smoke size; ``placement`` as in ``DataSpec``."""
+    return DataSpec(name=name, image_size=SMOKE_IMAGE_SIZE, placement=placement)
