@@ -11,9 +11,10 @@ from __future__ import annotations
 from ray_lt.data.spec import DataSpec
 from ray_lt.spec import Resources, TrainSpec
 
-#: One GPU worker per stage with 8 CPUs for its process; decoding runs in Ray Data tasks that
-#: reserve their own CPUs across the cluster.
-GPU_STAGE = Resources(num_workers=1, cpus_per_worker=8, gpus_per_worker=1)
+#: One GPU worker per stage with one CPU for its process: decoding runs in Ray Data tasks that
+#: reserve their own CPUs anywhere in the cluster, so a worker that held 8 CPUs would only take
+#: them away from the decoders on its node.
+GPU_STAGE = Resources(num_workers=1, cpus_per_worker=1, gpus_per_worker=1)
 
 SMOKE_IMAGE_SIZE = 32
 #: Inline stages: a smoke stage is seconds of training, a worker group would add 20 s each.
