@@ -43,6 +43,7 @@ from ray_lt.objective import Batch, Objective, StageContext, UpstreamArtifact, p
 from ray_lt.spec import StageSpec, TrainSpec
 
 EVAL_BATCH = 1024
+KILL_DELAY_S = 3.0  # an injected kill waits this long into its epoch, as a crash mid-epoch would
 STATE_FILE = "state.pt"
 
 
@@ -387,6 +388,9 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
             Path(run.fault_marker).parent.mkdir(parents=True, exist_ok=True)
             Path(run.fault_marker).write_text(f"injected at epoch {epoch}\n")
             if run.fault_action == "kill":  # a real process death, as an OOM kill or a crash
+                # partway into the epoch: the checkpoints already reported have had time to be
+                # registered by Ray Train's controller (tiny test epochs last 0.2 s)
+                time.sleep(KILL_DELAY_S)
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault at epoch {epoch} (RAY_LT_INJECT_FAULT)")
         tic = time.perf_counter()
