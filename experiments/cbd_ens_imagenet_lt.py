@@ -22,8 +22,7 @@ from ray import tune
 
 from ray_lt.data.spec import DataSpec
 from ray_lt.experiment import Experiment
-from ray_lt.recipes import cbd
-from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, SMOKE_TRAIN, smoke_data
+from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, SMOKE_TRAIN, cbd_ens, smoke_data
 from ray_lt.spec import StageSpec, TrainSpec
 
 DATA = DataSpec(name="imagenet_lt")
@@ -40,22 +39,12 @@ TRAIN = TrainSpec(
 )
 
 
-def pipeline(config: dict[str, Any], data: DataSpec = DATA, train: TrainSpec = TRAIN) -> StageSpec:
-    return cbd(
-        config["teachers"],
-        config["seed"],
-        alpha=0.4,
-        beta=100.0,
-        data=data,
-        teacher_train=train,
-        student_train=train.replace(sampler="class_balanced"),
-        backbone="resnet50",
-        scale=20.0,
-    )
+def pipeline(config: dict[str, Any]) -> StageSpec:
+    return cbd_ens(config, data=DATA, train=TRAIN)
 
 
 def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
-    return pipeline(config, smoke_data("imagenet_lt"), SMOKE_TRAIN)
+    return cbd_ens(config, data=smoke_data("imagenet_lt"), train=SMOKE_TRAIN)
 
 
 experiment = Experiment(

@@ -20,8 +20,7 @@ from ray import tune
 
 from ray_lt.data.spec import DataSpec
 from ray_lt.experiment import Experiment
-from ray_lt.recipes import cbd
-from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, SMOKE_TRAIN, smoke_data
+from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, SMOKE_TRAIN, cbd_ens, smoke_data
 from ray_lt.spec import StageSpec, TrainSpec
 
 # iNat18 has no validation split: trials report the test split (a grid, nothing is selected by it)
@@ -41,22 +40,12 @@ TRAIN = TrainSpec(
 )
 
 
-def pipeline(config: dict[str, Any], data: DataSpec = DATA, train: TrainSpec = TRAIN) -> StageSpec:
-    return cbd(
-        config["teachers"],
-        config["seed"],
-        alpha=0.4,
-        beta=100.0,
-        data=data,
-        teacher_train=train,
-        student_train=train.replace(sampler="class_balanced"),
-        backbone="resnet50",
-        scale=20.0,
-    )
+def pipeline(config: dict[str, Any]) -> StageSpec:
+    return cbd_ens(config, data=DATA, train=TRAIN)
 
 
 def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
-    return pipeline(config, smoke_data("inat18", placement="stream"), SMOKE_TRAIN)
+    return cbd_ens(config, data=smoke_data("inat18", placement="stream"), train=SMOKE_TRAIN)
 
 
 experiment = Experiment(

@@ -21,8 +21,8 @@ from ray import tune
 
 from ray_lt.data.spec import DataSpec
 from ray_lt.experiment import Experiment
-from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, SMOKE_TRAIN, smoke_data
-from ray_lt.recipes.ssd_lt import REPORT_METRICS, ssd_lt
+from ray_lt.recipes.large import GPU_STAGE, SMOKE_RESOURCES, smoke_data, ssd_lt_large
+from ray_lt.recipes.ssd_lt import REPORT_METRICS
 from ray_lt.spec import StageSpec, TrainSpec
 
 # iNat18 has no validation split: trials report the test split (a grid, nothing is selected by it)
@@ -44,29 +44,21 @@ LWS_TRAIN = TRAIN.replace(
     epochs=5, batch_size=512, lr=0.2, sampler="class_aware", sampler_params={"k": 2}
 )
 QUEUE = 437_504  # 1709 x 256 <= 437,513 training images
-SMOKE = SMOKE_TRAIN.replace(augment="rrc_flip_jitter")
 
 
-def pipeline(config: dict[str, Any], smoke: bool = False) -> StageSpec:
-    return ssd_lt(
-        config["seed"],
-        finetune=config["finetune"],
-        temperature=2.0,
-        queue_size=32 if smoke else QUEUE,
-        data=smoke_data("inat18") if smoke else DATA,
+def pipeline(config: dict[str, Any]) -> StageSpec:
+    return ssd_lt_large(
+        config,
+        data=DATA,
         backbone="resnet50",
-        hidden_dim=2048,
-        key_augment="moco_v2" if smoke else "moco_v2_blur",
-        feature_train=SMOKE if smoke else TRAIN,
-        lws_train=SMOKE.replace(sampler="class_aware", sampler_params={"k": 2})
-        if smoke
-        else LWS_TRAIN,
-        distill_train=SMOKE if smoke else TRAIN,
+        train=TRAIN,
+        lws_train=LWS_TRAIN,
+        queue_size=QUEUE,
     )
 
 
 def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
-    return pipeline(config, smoke=True)
+    return ssd_lt_large(config, data=smoke_data("inat18"), backbone="resnet50")
 
 
 experiment = Experiment(

@@ -35,7 +35,7 @@ from torch import nn
 
 from ray_lt.data import augment_batch, draw_epoch, normalize_batch
 from ray_lt.data.augment import streamed_augment
-from ray_lt.data.sources import ImageSource, image_source
+from ray_lt.data.sources import ImageSource, image_source, to_device
 from ray_lt.data.spec import LTDataset, Split
 from ray_lt.errors import ConfigError
 from ray_lt.metrics import GROUP_NAMES, per_class_accuracy, shot_accuracy, shot_groups
@@ -319,7 +319,7 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
     params = parse_params(run.objective, spec)
     torch.manual_seed(train.seed)
     data = prepare_data(run.objective, params, run.data, run.inputs)
-    labels = _tensor(data.train.labels, device)
+    labels = to_device(data.train.labels, device)
     if data.train.images.dtype == np.float32 and train.augment != "none":
         raise ConfigError(
             f"stage {spec.name}: its inputs are precomputed float rows, which cannot be "
@@ -344,7 +344,7 @@ def run_stage(run: StageRun, session: Session) -> dict[str, Any]:
         class_counts=torch.as_tensor(counts, device=device),
     )
     model = run.objective.build(params, ctx).to(device)
-    if device.type == "cuda" and train.channels_last and data.train.images.ndim in (1, 4):
+    if device.type == "cuda" and train.channels_last and data.train.images.dtype != np.float32:
         model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
@@ -501,15 +501,6 @@ def order_seed(train: TrainSpec, epoch: int, rank: int) -> int:
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    # Arrays from the object store are read-only; the engine never writes them.
-    if not array.flags.writeable:
-        array = array.copy() if device.type == "cpu" else array
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array).to(device)
 
 
 def evaluate_splits(

@@ -16,6 +16,7 @@ names in ``DATASETS``. The decision (``DataSpec.placement``):
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -52,8 +53,6 @@ def choose_placement(spec: DataSpec, num_images: int) -> str:
 
 def _decode_all(split: ImageListSplit, image_root: str, size: int) -> np.ndarray:
     """Every image of a split as uint8 [N, 3, size, size] (evaluation crop), decoded by threads."""
-    import os
-
     paths = [os.path.join(image_root, p) for p in split.paths]
     chunks = [paths[i : i + _DECODE_CHUNK] for i in range(0, len(paths), _DECODE_CHUNK)]
     if not chunks:
@@ -89,7 +88,6 @@ def load_jpeg_lt(spec: DataSpec, root: str | None) -> LTDataset:
     placement = choose_placement(spec, sum(len(s) for s in splits.values()))
     if placement == "stream":
         arrays = {name: np.asarray(s.paths, dtype=str) for name, s in splits.items()}
-        arrays = {name: a if len(a) else np.zeros(0, dtype="<U1") for name, a in arrays.items()}
     else:
         arrays = {
             name: _decode_all(s, lists.image_root, spec.image_size) for name, s in splits.items()

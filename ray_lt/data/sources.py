@@ -25,6 +25,7 @@ bytes on a rerun or a resume.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -33,6 +34,7 @@ import pyarrow as pa
 import torch
 
 from ray_lt.data.spec import LTDataset, Split
+from ray_lt.errors import ConfigError
 
 #: Rows per decode task batch (one ``map_batches`` call).
 DECODE_BATCH = 64
@@ -54,14 +56,24 @@ class ImageSource(Protocol):
     def eval_batches(self, batch_size: int) -> Batches: ...
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A NumPy array as a tensor on ``device``, never writing the array.
+
+    Arrays from the object store are read-only: on the CPU the tensor gets a copy (torch warns
+    on, and must not share, read-only memory); on an accelerator the transfer is the copy.
+    """
+    if not array.flags.writeable and device.type == "cpu":
+        array = array.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).to(device)
+
+
 class DeviceSource:
     """A split held on the device as one tensor: batches are gathers."""
 
     def __init__(self, array: np.ndarray, device: torch.device):
-        # Arrays from the object store are read-only; the engine never writes them.
-        if not array.flags.writeable and device.type == "cpu":
-            array = array.copy()
-        self.images = torch.from_numpy(array).to(device)
+        self.images = to_device(array, device)
         self.device = device
 
     def __len__(self) -> int:
@@ -86,8 +98,6 @@ def decode_cpus() -> float:
     except ValueError:
         cpus = -1.0
     if not cpus > 0:
-        from ray_lt.errors import ConfigError
-
         raise ConfigError(f"{DECODE_CPUS_ENV}={value!r}: use a number of CPUs > 0, e.g. 1 or 0.5")
     return cpus
 

@@ -8,8 +8,12 @@ stage, inline on a CPU: what a test or a user's first check needs, in seconds pe
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray_lt.data.spec import DataSpec
-from ray_lt.spec import Resources, TrainSpec
+from ray_lt.recipes import cbd
+from ray_lt.recipes.ssd_lt import ssd_lt
+from ray_lt.spec import Resources, StageSpec, TrainSpec
 
 #: One GPU worker per stage with one CPU for its process: decoding runs in Ray Data tasks that
 #: reserve their own CPUs anywhere in the cluster, so a worker that held 8 CPUs would only take
@@ -38,3 +42,56 @@ SMOKE_CBE_SPLITS = ((10, None), (4, 10), (0, 4))
 def smoke_data(name: str, placement: str = "auto") -> DataSpec:
     """A JPEG dataset at the smoke size; ``placement`` as in ``DataSpec``."""
     return DataSpec(name=name, image_size=SMOKE_IMAGE_SIZE, placement=placement)
+
+
+# The pipelines the ImageNet-LT and iNat18 files share: only data, training settings and
+# (for SSD-LT) the backbone and queue differ between datasets.
+
+
+def cbd_ens(config: dict[str, Any], *, data: DataSpec, train: TrainSpec) -> StageSpec:
+    """CBD_ENS at ImageNet scale (methods/cbd.md): ResNet-50 teachers and student, cosine heads
+    with a fixed scale of 20, alpha 0.4, beta 100; the student samples class-balanced."""
+    return cbd(
+        config["teachers"],
+        config["seed"],
+        alpha=0.4,
+        beta=100.0,
+        data=data,
+        teacher_train=train,
+        student_train=train.replace(sampler="class_balanced"),
+        backbone="resnet50",
+        scale=20.0,
+    )
+
+
+def ssd_lt_large(
+    config: dict[str, Any],
+    *,
+    data: DataSpec,
+    backbone: str,
+    train: TrainSpec | None = None,
+    lws_train: TrainSpec | None = None,
+    queue_size: int = 0,
+) -> StageSpec:
+    """SSD-LT at ImageNet scale (methods/ssd_lt.md): MLP 2048, T = 2, MoCo-v2 key view with blur.
+
+    With ``train`` None it is the smoke variant: ``SMOKE_TRAIN`` with the weak view
+    ``rrc_flip_jitter``, a 32-entry queue and the blur-free key view (32 px).
+    """
+    smoke = train is None
+    if smoke:
+        train = SMOKE_TRAIN.replace(augment="rrc_flip_jitter")
+        lws_train = train.replace(sampler="class_aware", sampler_params={"k": 2})
+    return ssd_lt(
+        config["seed"],
+        finetune=config["finetune"],
+        temperature=2.0,
+        queue_size=32 if smoke else queue_size,
+        data=data,
+        backbone=backbone,
+        hidden_dim=2048,
+        key_augment="moco_v2" if smoke else "moco_v2_blur",
+        feature_train=train,
+        lws_train=lws_train,
+        distill_train=train,
+    )
