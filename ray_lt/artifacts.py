@@ -19,6 +19,7 @@ import os
 import posixpath
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,12 +30,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ray_lt.errors import ArtifactError, ConfigError, CorruptArtifactError
-from ray_lt.locks import StageLock
+from ray_lt.locks import Clock, StageLock
 
 STORE_LAYOUT_VERSION = "1"
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TEMP_FILE_RE = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # _write_bytes, write_json_atomic
+_SIDE_FILE_RE = re.compile(r".+\.stale-[0-9a-f]{32}")  # a lock moved aside while being broken
 log = logging.getLogger(__name__)
 
 
@@ -129,6 +132,11 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise ArtifactError(f"{path} is not valid JSON ({_one_line(exc)})") from exc
+
+
+def _stale_s() -> float:
+    """The lock stale interval: also how old a temporary file must be to count as a leftover."""
+    return _env_seconds("RAY_LT_LOCK_STALE_S", 120.0)
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -349,7 +357,8 @@ class ArtifactStore:
         renamed to ``<key>`` (atomic on local disks; copy + delete, manifest last, elsewhere).
         If a valid ``key`` already exists (a concurrent writer won) it is returned instead; a
         corrupt or manifest-less one is quarantined first. On object stores hold the key's lock:
-        a ``<key>`` still being copied there looks manifest-less.
+        a ``<key>`` still being copied there looks manifest-less. Each put first sweeps the
+        leftovers of killed writers (``sweep``), a few listings next to a whole upload.
 
         Args:
             key: the stage key.
@@ -362,6 +371,7 @@ class ArtifactStore:
         existing = self._existing(key)
         if existing is not None:
             return existing
+        self.sweep()
         tmp = self._path("_tmp", f"{key}-{uuid.uuid4().hex}")
         try:
             self._upload(src, tmp)
@@ -439,6 +449,7 @@ class ArtifactStore:
         *,
         stale_after_s: float | None = None,
         heartbeat_s: float | None = None,
+        clock: Clock | None = None,
     ) -> StageLock:
         """Return the (not yet acquired) lease lock of ``key``.
 
@@ -449,11 +460,10 @@ class ArtifactStore:
                 default 120).
             heartbeat_s: how often the holder refreshes it (env RAY_LT_LOCK_HEARTBEAT_S,
                 default 10).
+            clock: wall time, sleeping and waiting (tests pass a fake one; default real time).
         """
         self._key_dir(key)
-        stale = (
-            _env_seconds("RAY_LT_LOCK_STALE_S", 120.0) if stale_after_s is None else stale_after_s
-        )
+        stale = _stale_s() if stale_after_s is None else stale_after_s
         beat = (
             _env_seconds("RAY_LT_LOCK_HEARTBEAT_S", 10.0) if heartbeat_s is None else heartbeat_s
         )
@@ -462,7 +472,87 @@ class ArtifactStore:
                 f"lock heartbeat {beat} s must be positive and shorter than stale_after {stale} s;"
                 " lower RAY_LT_LOCK_HEARTBEAT_S or raise RAY_LT_LOCK_STALE_S"
             )
-        return StageLock(self, key, owner, stale_after_s=stale, heartbeat_s=beat)
+        return StageLock(self, key, owner, stale_after_s=stale, heartbeat_s=beat, clock=clock)
+
+    # -- leftovers of killed writers -----------------------------------------------------------
+
+    def sweep(self, older_than_s: float | None = None, *, now: float | None = None) -> list[str]:
+        """Remove what killed writers left, so no temporary file outlives its writer by more
+        than the lock stale interval: ``.*.tmp`` files in ``_locks`` and ``_records``, locks
+        moved aside by a killed breaker and ``_tmp/<key>-<uuid>`` folders. Only things older
+        than ``older_than_s`` go; a ``_tmp`` folder only while nobody holds its key's lock since
+        before its last write (a live uploader keeps its folder). Best effort: errors are
+        logged, never raised.
+
+        Args:
+            older_than_s: minimum age in seconds (default: env RAY_LT_LOCK_STALE_S, 120).
+            now: the current wall time (default ``time.time()``; locks pass their clock's).
+
+        Returns:
+            The removed paths.
+        """
+        age = _stale_s() if older_than_s is None else older_than_s
+        cutoff = (time.time() if now is None else now) - age
+        try:
+            return self._sweep_files(cutoff) + self._sweep_tmp_folders(cutoff)
+        except OSError as exc:
+            log.warning("cannot sweep leftovers in %s: %s", self.uri, _one_line(exc))
+            return []
+
+    def _infos(self, folder: str, recursive: bool) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self._path(folder), recursive=recursive, allow_not_found=True)
+        return self.fs.get_file_info(sel)
+
+    def _sweep_files(self, cutoff: float) -> list[str]:
+        """Delete old temporary and moved-aside files (a live writer's are seconds old)."""
+        found = [
+            i
+            for i in self._infos("_records", recursive=True)
+            if _TEMP_FILE_RE.fullmatch(i.base_name)
+        ]
+        found += [
+            i
+            for i in self._infos("_locks", recursive=False)
+            if _TEMP_FILE_RE.fullmatch(i.base_name) or _SIDE_FILE_RE.fullmatch(i.base_name)
+        ]
+        removed = []
+        for info in found:
+            if info.type == pafs.FileType.File and _mtime(info) < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_file(info.path)
+                    removed.append(info.path)
+        return removed
+
+    def _sweep_tmp_folders(self, cutoff: float) -> list[str]:
+        """Remove ``_tmp`` folders whose newest entry is older than ``cutoff`` and unclaimed."""
+        base = self._path("_tmp").rstrip("/") + "/"
+        newest: dict[str, float] = {}
+        for info in self._infos("_tmp", recursive=True):
+            top, sep, _ = info.path[len(base) :].partition("/")
+            if not sep and info.type != pafs.FileType.Directory:
+                newest[top] = math.inf  # a stray file, not a staging folder: left alone
+            elif info.mtime is not None or info.type == pafs.FileType.File:
+                newest[top] = max(newest.get(top, -math.inf), _mtime(info))
+        removed = []
+        for name, last in sorted(newest.items()):
+            if last < cutoff and self._unclaimed(name, last):
+                self._remove_tree(base + name)
+                removed.append(base + name)
+        return removed
+
+    def _unclaimed(self, name: str, last_write: float) -> bool:
+        """True unless the key of ``_tmp/<key>-<uuid>`` is locked by a holder that took the lock
+        before ``last_write`` (that holder may still be uploading it)."""
+        key = name.rpartition("-")[0]
+        if not _KEY_RE.match(key):
+            return True
+        raw = self._read_bytes(self._path("_locks", f"{key}.lock"))
+        if raw is None:
+            return True
+        try:
+            return float(json.loads(raw)["acquired_at"]) > last_write
+        except (ValueError, KeyError, TypeError):
+            return False
 
     def local_dir(self, key: str) -> str:
         """A local folder with the artifact's files: the store folder itself for local stores,
@@ -477,6 +567,7 @@ class ArtifactStore:
         dest = os.path.join(cache, key)
         if _local_matches(dest, listed):
             return dest
+        _sweep_downloads(cache, key, time.time() - _stale_s())
         tmp = os.path.join(cache, f".{key}-{uuid.uuid4().hex}")
         try:
             for rel in listed:
@@ -547,6 +638,31 @@ class ArtifactStore:
         if self._local:
             os.makedirs(self._path("_train"), exist_ok=True)
         return self._child_uri("_train")
+
+
+def _sweep_downloads(cache: str, key: str, cutoff: float) -> None:
+    """Remove ``.<key>-<uuid>`` download folders of killed readers whose newest entry is older
+    than ``cutoff`` (a live download keeps writing, so its files stay new)."""
+    name = re.compile(re.escape(f".{key}-") + r"[0-9a-f]{32}")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(cache):
+            if name.fullmatch(entry.name) and entry.is_dir() and _newest(entry.path) < cutoff:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _newest(folder: str) -> float:
+    """The newest mtime of a local folder and everything in it."""
+    newest = os.stat(folder).st_mtime
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(os.path.join(parent, name)).st_mtime)
+    return newest
+
+
+def _mtime(info: pafs.FileInfo) -> float:
+    """A file's mtime; an undated one counts as new, so it is never taken for a leftover."""
+    return math.inf if info.mtime is None else info.mtime.timestamp()
 
 
 def _local_matches(folder: str, listed: Mapping[str, Mapping[str, Any]]) -> bool:

@@ -6,6 +6,10 @@ it without a traceback and exit non-zero. ``assert`` stays for internal invarian
 
 from __future__ import annotations
 
+# The key of a trial's report when its configuration failed: the sweep prints it, the searcher
+# counts the trial as failed, and Tune does not retry it.
+ERROR_KEY = "ray_lt_error"
+
 
 class RayLtError(Exception):
     """Base class: a problem the user can fix, described in one line."""

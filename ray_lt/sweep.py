@@ -19,13 +19,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_lt.artifacts import Artifact, ArtifactStore
-from ray_lt.errors import ConfigError, RayLtError
+from ray_lt.errors import ERROR_KEY, ConfigError, RayLtError
 from ray_lt.experiment import Experiment, load_experiment, project_root
+from ray_lt.interrupts import (
+    EXIT_INTERRUPTED,
+    Interrupts,
+    SweepInterrupted,
+    after_interrupt,
+    quiet_tune_interrupt_lines,
+)
+from ray_lt.preflight import call_pipeline, check_pipeline, check_resources, check_space
 from ray_lt.spec import Resources, StageSpec, walk, with_resources
 from ray_lt.tracking import Tracker, default_tracking_uri, normalize_uri
 
 TRIAL_INDEX = "__trial_index__"
-ERROR_KEY = "ray_lt_error"  # a trial's report when its configuration failed (not retried)
 # MLflow's HTTP client retries for minutes by default; a sweep should notice a lost server fast
 # and keep going (the mirror keeps what it could not write). Users may set their own values.
 MLFLOW_HTTP_DEFAULTS = {
@@ -68,96 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sample_config(space: Any) -> Any:
-    """One concrete config from a Tune search space (first grid value, a sample per domain)."""
-    from ray.tune.search.sample import Domain
-
-    if isinstance(space, Domain):
-        return space.sample()
-    if isinstance(space, dict):
-        if set(space) == {"grid_search"}:
-            return sample_config(space["grid_search"][0])
-        return {k: sample_config(v) for k, v in space.items()}
-    return space
-
-
-def check_space(exp: Experiment) -> None:
-    """Reject empty or impossible search spaces before any trial starts."""
-    from ray.tune.search.sample import Categorical, Float, Integer
-
-    domains = 0
-
-    def visit(name: str, value: Any) -> None:
-        nonlocal domains
-        if isinstance(value, dict) and set(value) == {"grid_search"}:
-            if not value["grid_search"]:
-                raise ConfigError(f"impossible search space: '{name}' is an empty grid_search")
-            if exp.search == "optuna":
-                raise ConfigError(
-                    f"'{name}' is a grid_search, which Optuna cannot search; "
-                    "use search='grid' or a tune.choice"
-                )
-            domains += 1
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                visit(f"{name}/{k}" if name else k, v)
-        elif isinstance(value, (Float, Integer)):
-            lo, hi = value.lower, value.upper
-            sampler = type(value.get_sampler()).__name__.lower()
-            if not lo < hi or ("log" in sampler and lo <= 0):
-                raise ConfigError(
-                    f"impossible search space: '{name}' has lower={lo}, upper={hi}; "
-                    "it needs lower < upper (and lower > 0 for a log scale)"
-                )
-            domains += 1
-        elif isinstance(value, Categorical):
-            if not value.categories:
-                raise ConfigError(f"impossible search space: '{name}' is an empty tune.choice")
-            domains += 1
-
-    visit("", dict(exp.param_space))
-    if exp.search == "optuna" and domains == 0:
-        raise ConfigError(
-            f"empty search space in experiment '{exp.name}': param_space has no tune.* domain "
-            "for Optuna; add one (e.g. 'lr': tune.loguniform(1e-3, 0.3)) or use search='grid'"
-        )
-    if "seed" in exp.param_space:
-        raise ConfigError("put seeds in Experiment(seeds=...), not in param_space['seed']")
-
-
-def check_pipeline(exp: Experiment, data_root: str | None) -> list[StageSpec]:
-    """Build one sample trial's DAG and check every name in it; load each dataset once."""
-    from ray_lt.data import DATASETS, load_dataset
-    from ray_lt.models import BACKBONES, HEADS
-    from ray_lt.objective import get_objective, parse_params
-
-    config = {**sample_config(dict(exp.param_space)), "seed": exp.seeds[0]}
-    try:
-        final = exp.pipeline(config)
-    except RayLtError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the user's pipeline function failed
-        raise ConfigError(
-            f"the pipeline of '{exp.name}' failed on config {config}: {type(err).__name__}: {err}"
-        ) from None
-    if not isinstance(final, StageSpec):
-        raise ConfigError(
-            f"the pipeline of '{exp.name}' returned {type(final).__name__}, not a StageSpec"
-        )
-    stages = walk(final)
-    for spec in stages:
-        objective = get_objective(spec.kind)
-        params = parse_params(objective, spec)
-        if hasattr(objective, "validate"):
-            objective.validate(params, spec)
-        DATASETS.get(spec.data.name)
-        for attr, registry in (("backbone", BACKBONES), ("head", HEADS)):
-            if hasattr(params, attr):
-                registry.get(getattr(params, attr))
-        load_dataset(spec.data, data_root)
-    return stages
-
-
 def _abs(path_or_uri: str) -> str:
     return path_or_uri if "://" in path_or_uri else os.path.abspath(path_or_uri)
 
@@ -183,7 +100,7 @@ def _trial(config: dict[str, Any], setup: SweepSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     mirror = TrialMirror(setup.tracking_uri, exp.name, store, trial_id, config, setup.smoke)
     try:
-        final = apply_resources(exp.pipeline(config), exp, setup.resources)
+        final = apply_resources(call_pipeline(exp, config), exp, setup.resources)
         done = store.lookup(final.key) if mirror.finished_before else None
         if done is not None:  # finished and tracked before the driver died: report, run nothing
             tune.report({**_result(done), "artifact": done.key, "seed": config["seed"]})
@@ -242,7 +159,9 @@ def build_tuner(
     """The Tune ``Tuner`` for this experiment (search algorithm, scheduler, storage)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Repeater
+    from ray.tune.search import BasicVariantGenerator
+
+    from ray_lt.searchers import FailureAwareLimiter, SeedRepeater
 
     space = dict(exp.param_space)
     single = len(exp.metrics) == 1
@@ -256,22 +175,20 @@ def build_tuner(
             seed=0,
         )
         if len(exp.seeds) > 1:
-            searcher = Repeater(searcher, repeat=len(exp.seeds), set_index=True)
+            searcher = SeedRepeater(searcher, repeat=len(exp.seeds), set_index=True)
             num_samples *= len(exp.seeds)
-        search_alg = ConcurrencyLimiter(searcher, max_concurrent=exp.max_concurrent_trials)
+        search_alg = FailureAwareLimiter(searcher, max_concurrent=exp.max_concurrent_trials)
     else:
         space["seed"] = tune.grid_search(list(exp.seeds))
         search_alg = BasicVariantGenerator(
             max_concurrent=exp.max_concurrent_trials, random_state=0
         )
     scheduler = None
-    repeated = exp.search == "optuna" and len(exp.seeds) > 1
-    if exp.scheduler == "asha" and repeated:
-        # ASHA would stop single seeds of a configuration and bias the mean Optuna sees
+    if exp.scheduler == "asha" and exp.search == "optuna" and len(exp.seeds) > 1:
         print(
             "ray-lt: ASHA is off: each configuration runs once per seed and Optuna sees the mean"
         )
-    if exp.scheduler == "asha" and single and not repeated:
+    if uses_asha(exp):
         scheduler = ASHAScheduler(
             time_attr="epoch",
             max_t=final_epochs + 1,  # never stop at the last epoch: the trial still reports
@@ -285,7 +202,9 @@ def build_tuner(
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=num_samples,
-        max_concurrent_trials=exp.max_concurrent_trials,
+        # Both search algorithms above already limit concurrency; setting it here too only
+        # makes Tune warn that it ignores the setting.
+        max_concurrent_trials=None,
         metric=exp.metrics[0] if single else None,
         mode=exp.modes[0] if single else None,
         # A trial process imports torch and MLflow once, not once per trial. Not under ASHA: a
@@ -301,7 +220,7 @@ def build_tuner(
     return trainable, space, tune_config, run_config
 
 
-def run_sweep(args: argparse.Namespace) -> int:
+def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     exp = load_experiment(args.file, smoke=args.smoke)
     check_space(exp)
     data_root = args.data_root or exp.data_root or os.environ.get("RAY_LT_DATA")
@@ -315,7 +234,31 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         _replay(store, tracking_uri, exp.name)
     gpus = None if args.gpus_per_worker == "auto" else _fraction(args.gpus_per_worker)
+    interrupts = Interrupts()
+    try:
+        with interrupts.installed():
+            results = _run_tune(
+                args, exp, stages, store, tracking_uri, data_root, gpus, interrupts
+            )
+    except SweepInterrupted:
+        results = None
+    if interrupts.received:
+        return after_interrupt(exp.name, store, tracking_uri, interrupts, argv)
+    _replay(store, tracking_uri, exp.name)
+    return summarize(exp, results, tracking_uri)
 
+
+def _run_tune(
+    args: argparse.Namespace,
+    exp: Experiment,
+    stages: list[StageSpec],
+    store: ArtifactStore,
+    tracking_uri: str,
+    data_root: str | None,
+    gpus: float | None,
+    interrupts: Interrupts,
+) -> Any:
+    """Start (or join) Ray, check resources, run the Tuner; Ray is shut down on the way out."""
     import ray
     import ray.cloudpickle
     from ray import tune
@@ -325,34 +268,20 @@ def run_sweep(args: argparse.Namespace) -> int:
     module = sys.modules.get(exp.pipeline.__module__)
     if module is not None and module.__name__.startswith("ray_lt_experiment_"):
         ray.cloudpickle.register_pickle_by_value(module)  # the file is not importable remotely
-    root = project_root(args.file)
-    env = {
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
-        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-    }
-    # Stages evaluate every ``eval_every`` epochs, so some reports carry no metric; ASHA skips
-    # those, and Tune's strict check would fail the trial on them.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    env["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    env.update(
-        {k: v for k, v in os.environ.items() if k.startswith(("RAY_LT_", "MLFLOW_HTTP_REQUEST_"))}
-    )
-    if data_root:
-        env["RAY_LT_DATA"] = data_root
     started = not ray.is_initialized()
     if started:
         ray.init(
             num_cpus=args.num_cpus if not args.address else None,
-            runtime_env={"env_vars": env},
+            runtime_env={"env_vars": _worker_env(args.file, tracking_uri, data_root)},
             logging_level=logging.WARNING,
             **_ray_init_kwargs(args.address),
         )
     try:
         resources = _resources(exp, gpus, args.cpus_per_worker, ray.cluster_resources())
+        sample = walk(apply_resources(stages[-1], exp, resources))
+        check_resources(sample, trial_cpus(sample))
         refs = {s.data: ray.put(load_dataset(s.data, data_root)) for s in stages}
         setup = SweepSetup(exp, store.uri, tracking_uri, data_root, refs, args.smoke, resources)
-        sample = walk(apply_resources(stages[-1], exp, resources))
         trainable, space, tune_config, run_config = build_tuner(
             exp, setup, store, stages[-1].train.epochs, trial_cpus(sample)
         )
@@ -367,12 +296,32 @@ def run_sweep(args: argparse.Namespace) -> int:
             tuner = tune.Tuner(
                 trainable, param_space=space, tune_config=tune_config, run_config=run_config
             )
-        results = tuner.fit()
-        _replay(store, tracking_uri, exp.name)
-        return summarize(exp, results, tracking_uri)
+        quiet_tune_interrupt_lines()
+        with interrupts.tune_running():
+            return tuner.fit()
     finally:
         if started:
             ray.shutdown()
+
+
+def _worker_env(file: str, tracking_uri: str, data_root: str | None) -> dict[str, str]:
+    """Environment variables of every Ray worker of an in-process Ray."""
+    root = project_root(file)
+    env = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
+        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    }
+    # Stages evaluate every ``eval_every`` epochs, so some reports carry no metric; ASHA skips
+    # those, and Tune's strict check would fail the trial on them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    env["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    env.update(
+        {k: v for k, v in os.environ.items() if k.startswith(("RAY_LT_", "MLFLOW_HTTP_REQUEST_"))}
+    )
+    if data_root:
+        env["RAY_LT_DATA"] = data_root
+    return env
 
 
 def _ray_init_kwargs(address: str | None) -> dict[str, Any]:
@@ -432,31 +381,22 @@ def _resources(
 def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:
     """Print one line per trial; exit 0 when at least one trial finished."""
     metric = exp.metrics[0]
-    ok = 0
+    asha = uses_asha(exp)
+    legend = "; STOP = stopped early by ASHA" if asha else ""
     print(
-        f"\nsweep '{exp.name}': {len(results)} trials (metric {metric}, mode {exp.modes[0]}; "
-        "STOP = stopped early by the scheduler)"
+        f"\nsweep '{exp.name}': {len(results)} trials (metric {metric}, mode {exp.modes[0]}"
+        f"{legend})"
     )
+    ok = 0
     for result in results:
-        cfg = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
-        value = (result.metrics or {}).get(metric)
-        # a trial's last report carries "artifact" only when its whole pipeline finished
-        finished = "artifact" in (result.metrics or {})
-        failed = (result.metrics or {}).get(ERROR_KEY)
-        status = "ERROR" if result.error or failed else "OK" if finished else "STOP"
-        ok += result.error is None and value is not None
-        shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else value
-        reason = f"  ({str(result.error).splitlines()[-1][:160]})" if result.error else ""
-        reason = f"  ({failed[:300]})" if failed else reason
-        index = (result.config or {}).get(TRIAL_INDEX)
-        seed = exp.seeds[int(index) % len(exp.seeds)] if index is not None else cfg.get("seed")
-        cfg.pop("seed", None)
-        print(f"  {status:5s} {metric}={shown}  seed={seed} {cfg}{reason}")
+        line, finished = _trial_line(exp, result, metric, asha)
+        ok += finished
+        print(line)
     try:
         trial_ids = [r.metrics.get("trial_id") for r in results if r.metrics]
         closed = Tracker(tracking_uri, exp.name).close_unfinished([t for t in trial_ids if t])
         if closed:
-            print(f"{closed} trial(s) stopped early by the scheduler are marked KILLED in MLflow")
+            print(f"{closed} unfinished trial run(s) marked KILLED in MLflow")
     except RayLtError as err:
         print(f"warning: {err}", file=sys.stderr)
     print(f"MLflow: {tracking_uri}  (mlflow ui --backend-store-uri {tracking_uri})")
@@ -466,13 +406,57 @@ def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:
     return 0
 
 
+def _trial_line(exp: Experiment, result: Any, metric: str, asha: bool) -> tuple[str, bool]:
+    """One summary line, and whether the trial finished with a metric."""
+    metrics = result.metrics or {}
+    cfg = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
+    value = metrics.get(metric)
+    failed = metrics.get(ERROR_KEY)
+    # a trial's last report carries "artifact" only when its whole pipeline finished
+    if result.error or failed:
+        status = "ERROR"
+    elif "artifact" in metrics:
+        status = "OK"
+    else:
+        status = "STOP" if asha else "ENDED"  # stopped by ASHA, or ended without finishing
+    shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else value
+    reason = f"  ({str(result.error).splitlines()[-1][:160]})" if result.error else ""
+    reason = f"  ({failed[:300]})" if failed else reason
+    cfg.pop("seed", None)
+    line = f"  {status:5s} {metric}={shown}  seed={_seed_of(exp, result)} {cfg}{reason}"
+    return line, result.error is None and value is not None
+
+
+def _seed_of(exp: Experiment, result: Any) -> Any:
+    """The trial's seed: reported by the trial, else from Tune's repeat index or grid config."""
+    seed = (result.metrics or {}).get("seed")
+    if seed is not None:
+        return seed
+    config = result.config or {}
+    index = config.get(TRIAL_INDEX)
+    if index is not None:
+        return exp.seeds[int(index) % len(exp.seeds)]
+    return config.get("seed", exp.seeds[0] if len(exp.seeds) == 1 else None)
+
+
+def uses_asha(exp: Experiment) -> bool:
+    """ASHA runs on single-objective sweeps whose configurations are not repeated per seed
+    (stopping single seeds would bias the mean the searcher sees)."""
+    repeated = exp.search == "optuna" and len(exp.seeds) > 1
+    return exp.scheduler == "asha" and len(exp.metrics) == 1 and not repeated
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        return run_sweep(args)
+        return run_sweep(args, argv)
     except RayLtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SweepInterrupted):
+        print("ray-lt: interrupted before any trial started; nothing to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

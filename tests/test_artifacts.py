@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -243,7 +240,7 @@ def test_json_helpers(tmp_path):
         read_json(pafs.LocalFileSystem(), str(tmp_path / "bad.json"))
 
 
-# -- a non-local filesystem (SubTreeFileSystem): copy-based publish, download, lock -----------
+# -- a non-local filesystem (SubTreeFileSystem): copy-based publish, download -----------------
 
 
 def test_non_local_filesystem_paths(tmp_path, monkeypatch):
@@ -258,154 +255,6 @@ def test_non_local_filesystem_paths(tmp_path, monkeypatch):
     assert json.loads((local / "spec.json").read_text()) == {"kind": "teacher", "seed": 0}
     flip_byte(local / "model.safetensors", 50)  # a damaged cache copy is downloaded again
     assert Path(store.local_dir(KEY)) == local and store.open(KEY).state_dict()
-    with store.lock(KEY, "trial-1", stale_after_s=5, heartbeat_s=1) as held:
-        assert held.held
-        assert (
-            json.loads((tmp_path / "bucket/prefix/_locks" / f"{KEY}.lock").read_text())["owner"]
-            == "trial-1"
-        )
-        assert not store.lock(KEY, "trial-2", stale_after_s=5, heartbeat_s=1).acquire(timeout_s=0)
-    assert not (tmp_path / "bucket/prefix/_locks" / f"{KEY}.lock").exists()
-    dead = {"owner": "dead", "token": "t", "heartbeat_at": time.time() - 60}
-    (tmp_path / "bucket/prefix/_locks" / f"{KEY}.lock").write_text(json.dumps(dead))
-    lock = store.lock(KEY, "trial-3", stale_after_s=5, heartbeat_s=1)
-    assert lock.acquire(timeout_s=5, poll_s=0.1)
-    lock.release()
     flip_byte(tmp_path / "bucket/prefix" / KEY / "spec.json", 3)
     assert store.lookup(KEY) is None
     assert len(list((tmp_path / "bucket/prefix/_quarantine").iterdir())) == 1
-
-
-# -- locks ------------------------------------------------------------------------------------
-
-
-def _locked_appender(root: str, log_path: str, name: str, rounds: int) -> None:
-    store = ArtifactStore(root)
-    for _ in range(rounds):
-        with store.lock(KEY, name, stale_after_s=30, heartbeat_s=1):
-            with open(log_path, "a") as f:
-                f.write(f"start {name}\n")
-                f.flush()
-            time.sleep(0.05)
-            with open(log_path, "a") as f:
-                f.write(f"end {name}\n")
-
-
-def _hold_forever(root: str, ready_path: str) -> None:
-    lock = ArtifactStore(root).lock(KEY, "doomed", stale_after_s=2, heartbeat_s=0.5)
-    lock.acquire()
-    Path(ready_path).write_text("ready")
-    time.sleep(600)
-
-
-def test_lock_is_exclusive_across_processes(tmp_path):
-    ctx = mp.get_context("spawn")
-    log_path = tmp_path / "log.txt"
-    procs = [
-        ctx.Process(target=_locked_appender, args=(str(tmp_path), str(log_path), n, 6))
-        for n in ("a", "b")
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    lines = log_path.read_text().splitlines()
-    assert len(lines) == 24
-    for start, end in zip(lines[::2], lines[1::2], strict=True):
-        assert start.startswith("start ") and end == "end " + start[6:]
-    assert not (tmp_path / "_locks" / f"{KEY}.lock").exists()
-
-
-def test_stale_lock_of_killed_holder_is_broken(tmp_path):
-    ready = tmp_path / "ready"
-    proc = mp.get_context("spawn").Process(target=_hold_forever, args=(str(tmp_path), str(ready)))
-    proc.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists()
-        # the waiter judges staleness; 5 s leaves a loaded 2-core machine room for the holder's
-        # 0.5 s heartbeat, and waiting 3 s still shows a live holder is never broken
-        waiter = ArtifactStore(tmp_path).lock(KEY, "waiter", stale_after_s=5, heartbeat_s=0.5)
-        assert not waiter.acquire(timeout_s=3, poll_s=0.2)  # the live holder keeps beating
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(10)
-        assert waiter.acquire(timeout_s=30, poll_s=0.2)
-        record = json.loads((tmp_path / "_locks" / f"{KEY}.lock").read_text())
-        assert record["owner"] == "waiter" and record["pid"] == os.getpid()
-        waiter.release()
-        assert list((tmp_path / "_locks").iterdir()) == []  # the stale file was deleted
-    finally:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-
-def test_heartbeat_keeps_a_live_lock(tmp_path):
-    store = ArtifactStore(tmp_path)
-    holder = store.lock(KEY, "holder", stale_after_s=1, heartbeat_s=0.2)
-    assert holder.acquire(timeout_s=0)
-    path = tmp_path / "_locks" / f"{KEY}.lock"
-    first = json.loads(path.read_text())["heartbeat_at"]
-    waiter = store.lock(KEY, "waiter", stale_after_s=1.5, heartbeat_s=0.2)
-    assert not waiter.acquire(timeout_s=3, poll_s=0.1)  # twice the stale time: beats kept it
-    record = json.loads(path.read_text())
-    assert holder.held and record["owner"] == "holder" and record["heartbeat_at"] > first
-    holder.release()
-    assert not holder.held and not path.exists()
-    assert waiter.acquire(timeout_s=1, poll_s=0.1)
-    waiter.release()
-
-
-def test_should_stop_returns_without_acquiring(tmp_path):
-    store = ArtifactStore(tmp_path)
-    with store.lock(KEY, "trainer", stale_after_s=30, heartbeat_s=1):
-        waiter = store.lock(KEY, "waiter", stale_after_s=30, heartbeat_s=1)
-        timer = threading.Timer(0.3, store.put, args=(KEY, make_stage_dir(tmp_path / "out")))
-        timer.start()
-        assert not waiter.acquire(poll_s=0.05, should_stop=lambda: store.contains(KEY))
-        timer.join()
-        assert not waiter.held
-        assert json.loads((tmp_path / "_locks" / f"{KEY}.lock").read_text())["owner"] == "trainer"
-    assert not store.lock(KEY, "late").acquire(should_stop=lambda: True)
-    assert not (tmp_path / "_locks" / f"{KEY}.lock").exists()
-
-
-def test_release_never_deletes_someone_elses_lock(tmp_path):
-    store = ArtifactStore(tmp_path)
-    lock = store.lock(KEY, "me", stale_after_s=30, heartbeat_s=10)
-    assert lock.acquire(timeout_s=0)
-    path = tmp_path / "_locks" / f"{KEY}.lock"
-    path.write_text(json.dumps({"owner": "other", "token": "t", "heartbeat_at": time.time()}))
-    lock.release()
-    assert json.loads(path.read_text())["owner"] == "other"
-
-
-def test_lock_settings_are_checked(tmp_path, monkeypatch):
-    store = ArtifactStore(tmp_path)
-    monkeypatch.setenv("RAY_LT_LOCK_STALE_S", "soon")
-    with pytest.raises(ConfigError, match="RAY_LT_LOCK_STALE_S='soon'"):
-        store.lock(KEY, "me")
-    monkeypatch.setenv("RAY_LT_LOCK_STALE_S", "5")
-    monkeypatch.setenv("RAY_LT_LOCK_HEARTBEAT_S", "7")
-    with pytest.raises(ConfigError, match="shorter than"):
-        store.lock(KEY, "me")
-    monkeypatch.setenv("RAY_LT_LOCK_HEARTBEAT_S", "1")
-    lock = store.lock(KEY, "me")
-    assert (lock.stale_after_s, lock.heartbeat_s, lock.owner) == (5.0, 1.0, "me")
-
-
-def test_half_written_lock_is_judged_by_its_age(tmp_path):
-    store = ArtifactStore(tmp_path)
-    path = tmp_path / "_locks" / f"{KEY}.lock"
-    path.parent.mkdir()
-    path.write_bytes(b"")  # a holder that died between O_EXCL create and its first write
-    assert not store.lock(KEY, "me", stale_after_s=30, heartbeat_s=1).acquire(timeout_s=0.3)
-    old = time.time() - 60
-    os.utime(path, (old, old))
-    lock = store.lock(KEY, "me", stale_after_s=30, heartbeat_s=1)
-    assert lock.acquire(timeout_s=5, poll_s=0.1)
-    assert json.loads(path.read_text())["owner"] == "me"
-    lock.release()

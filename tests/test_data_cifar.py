@@ -2,7 +2,9 @@
 
 The real-data tests read ``$RAY_LT_DATA`` (the folder holding ``cifar100/``, e.g.
 /work/shared/data) and are skipped when it is unset. The pickle-format tests build their own small
-``cifar-10-batches-py`` / ``cifar-100-python`` folders.
+``cifar-10-batches-py`` / ``cifar-100-python`` folders, and the damaged-file tests their own small
+Hugging Face Parquet files, which they truncate, empty or corrupt: each must be one ``DataError``
+line naming the file, and in the sweep CLI one ``error:`` line with exit status 2.
 """
 
 from __future__ import annotations
@@ -10,18 +12,30 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from ray_lt.data import DataSpec, load_dataset, lt_counts
-from ray_lt.data.cifar import _read_cifar_pickles, _resolve_source, load_cifar_lt
+from ray_lt.data.cifar import (
+    _decode_parquet_rows,
+    _read_cifar_pickles,
+    _read_parquet_labels,
+    _resolve_source,
+    load_cifar_lt,
+)
 from ray_lt.data.splits import draw_val_indices, select_lt_indices
 from ray_lt.errors import DataError
 from ray_lt.metrics import shot_groups
 
+ROOT = Path(__file__).resolve().parent.parent
 DATA = os.environ.get("RAY_LT_DATA")
 CIFAR100 = Path(DATA) / "cifar100" if DATA else None
 HAVE_DATA = CIFAR100 is not None and (CIFAR100 / "train.parquet").is_file()
@@ -281,3 +295,251 @@ def test_truncated_pickle_is_a_data_error(tmp_path):
     (tmp_path / "test_batch").write_bytes(b"")
     with pytest.raises(DataError, match="cannot read CIFAR pickle"):
         _read_cifar_pickles(tmp_path, "cifar10_lt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files: one DataError line naming the file, never a library traceback
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_parquet(
+    path: Path,
+    blobs: list,
+    labels: list,
+    label_column: str = "fine_label",
+    image_column: str = "img",
+) -> None:
+    """A Parquet file in the Hugging Face image layout: {bytes, path} structs plus labels."""
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(blobs)], struct)
+    table = pa.table({image_column: images, label_column: pa.array(labels, pa.int64())})
+    pq.write_table(table, path)
+
+
+@pytest.fixture
+def hf_root(tmp_path: Path) -> Path:
+    """A data root holding a small, well-formed ``cifar100/{train,test}.parquet``."""
+    folder = tmp_path / "cifar100"
+    folder.mkdir()
+    _write_parquet(folder / "train.parquet", [_png(i) for i in range(20)], list(range(20)))
+    _write_parquet(folder / "test.parquet", [_png(i) for i in range(10)], list(range(10)))
+    return tmp_path
+
+
+def _one_line_naming(info: pytest.ExceptionInfo, path: Path) -> str:
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+DAMAGES = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: b"not a parquet file\x00\xff" * 50,
+    "no-footer": lambda data: data[:-8],
+    "no-header": lambda data: data[4:],
+}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_parquet_is_one_line(hf_root: Path, split: str, damage: str) -> None:
+    path = hf_root / "cifar100" / f"{split}.parquet"
+    path.write_bytes(DAMAGES[damage](path.read_bytes()))
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(name="cifar100_lt"), hf_root)
+    msg = _one_line_naming(info, path)
+    what = "is empty (0 bytes)" if damage == "empty" else "is truncated or corrupt"
+    assert msg.startswith(f"Parquet file {path} {what} (")
+    assert msg.endswith("; re-download the dataset or re-export the Parquet files")
+
+
+def test_damaged_parquet_in_the_image_decoder(hf_root: Path) -> None:
+    """The decoder reopens the file: damage after the labels were read is a DataError too."""
+    path = hf_root / "cifar100" / "train.parquet"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataError, match="is truncated or corrupt") as info:
+        _decode_parquet_rows(path, np.arange(3))
+    _one_line_naming(info, path)
+
+
+def test_corrupt_data_page_is_one_line(tmp_path: Path) -> None:
+    """A whole footer with damaged pages fails in the column read, not the schema read."""
+    path = tmp_path / "train.parquet"
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 100, 5000).tolist()
+    pq.write_table(pa.table({"fine_label": pa.array(labels, pa.int64())}), path)
+    data = bytearray(path.read_bytes())
+    data[4:1004] = bytes(1000)  # the label page, not the footer: the schema still reads
+    path.write_bytes(bytes(data))
+    assert pq.read_schema(path).names == ["fine_label"]
+    with pytest.raises(DataError, match="is truncated or corrupt") as info:
+        _read_parquet_labels(path, "fine_label")
+    _one_line_naming(info, path)
+
+
+def test_parquet_with_the_wrong_label_column(hf_root: Path) -> None:
+    path = hf_root / "cifar100" / "train.parquet"
+    _write_parquet(path, [_png(1)] * 4, [1, 2, 3, 4], label_column="label")
+    with pytest.raises(DataError, match="no label column 'fine_label' .*img, label") as info:
+        load_dataset(DataSpec(name="cifar100_lt"), hf_root)
+    _one_line_naming(info, path)
+
+
+@pytest.mark.parametrize(
+    ("labels", "damage"),
+    [
+        (pa.array(["3", "x"]), "holds string, not integer class labels"),
+        (pa.array([1.5, 2.0]), "holds double, not integer class labels"),
+        (pa.array([1, None], pa.int64()), "has 1 missing labels"),
+    ],
+    ids=["string", "float", "null"],
+)
+def test_parquet_with_mistyped_labels(tmp_path: Path, labels: pa.Array, damage: str) -> None:
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"fine_label": labels}), path)
+    with pytest.raises(DataError) as info:
+        _read_parquet_labels(path, "fine_label")
+    msg = _one_line_naming(info, path)
+    assert f"column 'fine_label' {damage}" in msg and "re-export the Parquet files" in msg
+
+
+@pytest.mark.parametrize(
+    ("images", "damage"),
+    [
+        ({"picture": pa.array([b"x"])}, "has no image column 'img' (columns: picture, label)"),
+        ({"img": pa.array([_png(1)])}, "column 'img' holds binary, not the image struct"),
+        ({"img": pa.array([{"path": "a.png"}])}, "column 'img' holds struct<path: string>"),
+    ],
+    ids=["missing", "flat-bytes", "no-bytes-field"],
+)
+def test_parquet_with_a_wrong_image_column(tmp_path: Path, images: dict, damage: str) -> None:
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({**images, "label": pa.array([0])}), path)
+    with pytest.raises(DataError) as info:
+        _decode_parquet_rows(path, np.arange(1))
+    msg = _one_line_naming(info, path)
+    assert damage in msg and "re-export the Parquet files" in msg
+
+
+@pytest.mark.parametrize(
+    ("blob", "damage"),
+    [
+        (b"definitely not a png", "the image bytes are not a PNG or any format Pillow reads"),
+        (_png(7)[:60], "the image is truncated or corrupt (OSError: image file is truncated)"),
+        (_png(7)[:60] + bytes(30) + _png(7)[90:], "the image is truncated or corrupt ("),
+        (None, "has no image bytes"),
+        (b"", "has no image bytes"),
+    ],
+    ids=["not-png", "truncated-png", "zeroed-png", "null", "empty"],
+)
+def test_corrupt_png_in_a_row(tmp_path: Path, blob: bytes | None, damage: str) -> None:
+    path = tmp_path / "train.parquet"
+    _write_parquet(path, [_png(1), _png(2), blob, _png(3)], [0, 1, 2, 3])
+    assert _decode_parquet_rows(path, np.array([3, 0])).shape == (2, 3, 32, 32)
+    with pytest.raises(DataError) as info:
+        _decode_parquet_rows(path, np.array([0, 2, 1]))
+    msg = _one_line_naming(info, path)
+    assert f"{path} row 2" in msg and damage in msg and "BytesIO" not in msg
+    assert msg.endswith("; re-download the dataset or re-export the Parquet files")
+
+
+def test_parquet_image_of_the_wrong_size(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 8)).save(buf, format="PNG")
+    _write_parquet(path, [buf.getvalue()], [0])
+    with pytest.raises(DataError, match=r"row 0 is \(8, 16\), not a 32x32 image") as info:
+        _decode_parquet_rows(path, np.arange(1))
+    _one_line_naming(info, path)
+
+
+def _pickle_folder(tmp_path: Path) -> Path:
+    """A well-formed small ``cifar-100-python`` folder under ``tmp_path``."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for i, name in enumerate(("train", "test")):
+        _write(folder / name, _fake_batch(6, 100, i, b"fine_labels")[0], protocol=2)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda data: data[: len(data) // 2], "it is truncated or corrupt, or not a CIFAR pickle"),
+        (lambda data: b"", "it is empty (0 bytes) (EOFError: Ran out of input)"),
+        (lambda data: b"\x00garbage\xff" * 64, "it is truncated or corrupt, or not a CIFAR"),
+        (lambda data: b"not a pickle\n" * 8, "it is truncated or corrupt, or not a CIFAR"),
+        (lambda data: data[:2] + bytes(len(data) - 2), "it is truncated or corrupt, or not a"),
+    ],
+    ids=["truncated", "empty", "garbage", "text", "zeroed"],
+)
+def test_damaged_pickle_is_one_line(tmp_path: Path, damage, expected: str) -> None:
+    folder = _pickle_folder(tmp_path)
+    path = folder / "test"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(name="cifar100_lt"), tmp_path)
+    msg = _one_line_naming(info, path)
+    assert msg.startswith(f"cannot read CIFAR pickle {path}: {expected}")
+    assert msg.endswith("; re-download the dataset from its official source")
+
+
+@pytest.mark.parametrize(
+    ("batch", "expected"),
+    [
+        ([1, 2, 3], "holds a list, expected a dict"),
+        ({b"data": "pixels", b"fine_labels": [0]}, "has non-numeric 'data' or 'fine_labels'"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": ["a", "b"]}, "non-numeric"),
+        ({b"data": np.zeros((2, 100), np.uint8), b"fine_labels": [0, 1]}, "shape (2, 100)"),
+        ({b"data": np.zeros((3, 3072), np.uint8), b"fine_labels": [0]}, "has 3 images but"),
+    ],
+    ids=["list", "data-str", "labels-str", "data-shape", "label-count"],
+)
+def test_pickle_of_the_wrong_shape(tmp_path: Path, batch: object, expected: str) -> None:
+    folder = _pickle_folder(tmp_path)
+    _write(folder / "train", batch, protocol=2)
+    with pytest.raises(DataError) as info:
+        _read_cifar_pickles(folder, "cifar100_lt")
+    msg = _one_line_naming(info, folder / "train")
+    assert expected in msg and "re-download the dataset" in msg
+
+
+def test_sweep_on_a_truncated_train_parquet_exits_2_with_one_line(hf_root: Path) -> None:
+    """The CLI's view of a damaged file: exit 2, one ``error:`` line naming it, no traceback.
+
+    The driver loads the dataset to check the pipeline before Ray starts, so this takes seconds.
+    """
+    path = hf_root / "cifar100" / "train.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    work = hf_root / "work"
+    work.mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ray_lt.sweep",
+            str(ROOT / "experiments" / "ce_crt_cifar100_lt.py"),
+            "--smoke",
+            "--store",
+            str(work / "s"),
+            "--tracking-uri",
+            f"sqlite:///{work / 'm.db'}",
+        ],
+        cwd=work,
+        env={**os.environ, "RAY_LT_DATA": str(hf_root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and str(path) in errors[0], proc.stderr[-2000:]
+    assert "truncated or corrupt" in errors[0] and "re-download the dataset" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (work / "s" / "_tune").exists()  # failed before any trial ran

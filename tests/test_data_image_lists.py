@@ -378,3 +378,114 @@ def test_inat18_order_first_annotation_and_missing_categories(tmp_path: Path) ->
     # ... and without them anywhere, they are the ids.
     _edit_json(list_file(root, "inat18", "test"), lambda doc: doc.pop("categories"))
     assert read_image_lists("inat18", root).class_names == ["0", "1", "2", "3", "4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files: one DataError line naming the file, never a library traceback
+
+
+def _one_line_naming(info: pytest.ExceptionInfo, path: Path) -> str:
+    msg = str(info.value)
+    assert "\n" not in msg and path.name in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("name", TXT)
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"], ids=["empty", "blank"])
+def test_empty_txt_list(tmp_path: Path, name: str, split: str, content: bytes) -> None:
+    root = make_tree(tmp_path, name)
+    path = list_file(root, name, split)
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        read_image_lists(name, root, check_files=False)
+    msg = _one_line_naming(info, path)
+    assert str(path) in msg and "lists no images" in msg and "restore" in msg
+
+
+@pytest.mark.parametrize("name", TXT)
+@pytest.mark.parametrize(
+    ("garbage", "damage"),
+    [
+        (bytes(range(256)) * 4, "is not UTF-8 text (byte 128"),
+        (b"\x00\x01\x02\x03binary\x00" * 40, "holds binary data (NUL bytes)"),
+        (b"train/a.JPEG 1\n\xff\xfe\xfd garbage 3\n", "is not UTF-8 text (byte 15"),
+    ],
+    ids=["all-bytes", "nul-bytes", "one-bad-line"],
+)
+def test_garbage_txt_list(tmp_path: Path, name: str, garbage: bytes, damage: str) -> None:
+    root = make_tree(tmp_path, name)
+    path = list_file(root, name, "test")
+    path.write_bytes(garbage)
+    with pytest.raises(DataError) as info:
+        read_image_lists(name, root, check_files=False)
+    msg = _one_line_naming(info, path)
+    assert f"list {path} {damage}" in msg and "restore the file" in msg
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["train/x.JPEG 1e3", "train/x.JPEG 0x1f", "train/x.JPEG 12345678901234", "a b c 3.0", "x -"],
+    ids=["exponent", "hex", "huge", "float", "sign-only"],
+)
+def test_non_integer_or_malformed_label_is_one_line(tmp_path: Path, bad: str) -> None:
+    root = make_tree(tmp_path, "imagenet_lt")
+    path = list_file(root, "imagenet_lt", "train")
+    corrupt_line(path, 2, bad)
+    with pytest.raises(DataError) as info:
+        read_image_lists("imagenet_lt", root)
+    msg = _one_line_naming(info, path)
+    assert "ImageNet_LT_train.txt line 2 is malformed" in msg and "; fix it (" in msg
+
+
+@pytest.mark.parametrize(
+    ("content", "damage"),
+    [
+        (None, "is not valid JSON (line 1 column"),
+        ("", "is empty (line 1 column 1"),
+        ("[" * 100_000, "nests too deeply"),
+        ("[1, 2, 3]", "holds a JSON list, expected an object"),
+        ('"images"', "holds a JSON str, expected an object"),
+        ('{"images": {}, "annotations": []}', "'images' is a dict, not a list"),
+        ('{"annotations": []}', "has no 'images' list"),
+        ('{"images": [7], "annotations": []}', "images[0] is a int, not an object"),
+        ('{"images": [{"id": "0", "file_name": "a.jpg"}], "annotations": []}', "expected an int"),
+        ('{"images": [{"id": 0, "file_name": 5}], "annotations": []}', "expected a string"),
+        ('{"images": [{"id": true, "file_name": "a"}], "annotations": []}', "expected an int"),
+        ('{"images": [], "annotations": []}', "lists no images ('images' is empty)"),
+    ],
+    ids=[
+        "truncated",
+        "empty",
+        "deep",
+        "list",
+        "string",
+        "images-dict",
+        "no-images",
+        "image-int",
+        "id-str",
+        "name-int",
+        "id-bool",
+        "no-entries",
+    ],
+)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_damaged_coco_json(tmp_path: Path, split: str, content: str | None, damage: str) -> None:
+    root = make_tree(tmp_path, "inat18")
+    path = list_file(root, "inat18", split)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text[: len(text) // 2] if content is None else content, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_image_lists("inat18", root, check_files=False)
+    msg = _one_line_naming(info, path)
+    assert damage in msg and str(path) in msg and "iNaturalist" in msg
+
+
+def test_coco_json_that_is_not_utf8(tmp_path: Path) -> None:
+    root = make_tree(tmp_path, "inat18")
+    path = list_file(root, "inat18", "train")
+    path.write_bytes(b'{"images": ["\xff\xfe"]}')
+    with pytest.raises(DataError) as info:
+        read_image_lists("inat18", root)
+    msg = _one_line_naming(info, path)
+    assert "train2018.json is not UTF-8 JSON (byte 13" in msg and str(path) in msg

@@ -3,16 +3,20 @@
 Two layouts are read: Parquet in the Hugging Face image layout (``train.parquet`` /
 ``test.parquet``, PNG bytes + label column) and the torchvision pickle folders
 (``cifar-10-batches-py``, ``cifar-100-python``). The long-tailed subset is selected exactly as
-METHODS.md "CIFAR-LT" says (``splits.select_lt_indices``), so seed 0 trains on the literature's
-images. Only the PNGs that are used are decoded. The pickles are read with an unpickler that builds
-NumPy arrays and plain containers and refuses everything else: a CIFAR file must never run code.
-This module never downloads anything.
+LDAM-DRW's ``IMBALANCECIFAR`` does (``splits.select_lt_indices``), so seed 0 trains on the
+literature's images. Only the PNGs that are used are decoded. The pickles are read with an
+unpickler that builds NumPy arrays and plain containers and refuses everything else: a CIFAR file
+must never run code. A damaged file (truncated, empty, foreign, a wrong column, an undecodable
+PNG) is one ``DataError`` line naming the file, the damage and the fix, never a library
+traceback. This module never downloads anything.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -77,27 +81,83 @@ _ALLOWED_GLOBALS = frozenset(
 class _RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that can rebuild NumPy arrays and plain containers, and nothing else."""
 
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self.path = path  # named in the refusal
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise DataError(
-            f"refusing to unpickle '{module}.{name}' from a CIFAR file: only NumPy arrays and "
-            "plain containers are allowed; re-download the dataset from its official source"
+            f"refusing to unpickle '{module}.{name}' from CIFAR pickle {self.path}: only NumPy "
+            "arrays and plain containers are allowed; re-download the dataset from its official "
+            "source"
         )
+
+
+_PICKLE_FIX = "re-download the dataset from its official source"
+_PARQUET_FIX = "re-download the dataset or re-export the Parquet files"
+# What Pillow raises on bytes that are not a whole, valid image (its plugins parse with struct and
+# zlib, and report bad headers as SyntaxError).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+def _cause(err: BaseException) -> str:
+    """``Type: first line`` of a library error, for a one-line message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _damage(path: Path, or_else: str = "") -> str:
+    """What is wrong with a file its reader rejected: empty, or corrupt (then ``or_else``)."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        empty = False
+    return "is empty (0 bytes)" if empty else f"is truncated or corrupt{or_else}"
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
     """One CIFAR pickle as a dict with str keys, read without running code."""
     try:
         with open(path, "rb") as f:
-            obj = _RestrictedUnpickler(f, encoding="bytes").load()
+            obj = _RestrictedUnpickler(f, path).load()
     except DataError:
         raise
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise DataError(f"cannot read CIFAR pickle {path}: {e}; re-download the dataset") from e
+    # Besides EOFError / UnpicklingError / OSError, a damaged pickle makes the unpickler call
+    # NumPy's allowed rebuilders with arbitrary arguments, which can raise almost anything
+    # (TypeError, KeyError, MemoryError, ...): every one of them means a damaged file.
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"cannot read CIFAR pickle {path}: it {_damage(path, ', or not a CIFAR pickle')} "
+            f"({_cause(e)}); {_PICKLE_FIX}"
+        ) from e
     if not isinstance(obj, dict):
-        raise DataError(f"CIFAR pickle {path} holds a {type(obj).__name__}, expected a dict")
+        raise DataError(
+            f"CIFAR pickle {path} holds a {type(obj).__name__}, expected a dict; {_PICKLE_FIX}"
+        )
     return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+
+
+def _pickle_arrays(path: Path, batch: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N,3,32,32] u8, labels [N] i64) of one loaded batch, checked to fit together."""
+    try:
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch[key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(
+            f"CIFAR pickle {path} has non-numeric 'data' or '{key}' ({_cause(e)}); {_PICKLE_FIX}"
+        ) from e
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(
+            f"CIFAR pickle {path} has data of shape {data.shape}, not [N, 3072]; {_PICKLE_FIX}"
+        )
+    if labels.shape != (len(data),):
+        raise DataError(
+            f"CIFAR pickle {path} has {len(data)} images but '{key}' of shape {labels.shape}; "
+            f"{_PICKLE_FIX}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _read_cifar_pickles(folder: Path, name: str = "cifar10_lt") -> dict[str, tuple]:
@@ -120,13 +180,9 @@ def _read_cifar_pickles(folder: Path, name: str = "cifar10_lt") -> dict[str, tup
                     f"CIFAR pickle {path} lacks 'data' or '{key}' (has {sorted(batch)}); "
                     f"is this the right dataset for '{name}'?"
                 )
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-                raise DataError(
-                    f"CIFAR pickle {path} has data of shape {data.shape}, not [N, 3072]"
-                )
-            images.append(data.reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[key], dtype=np.int64))
+            data, batch_labels = _pickle_arrays(path, batch, key)
+            images.append(data)
+            labels.append(batch_labels)
         out[split] = (np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
     return out
 
@@ -170,40 +226,107 @@ def _resolve_source(root: str | None, name: str) -> tuple[str, Path]:
     raise DataError(f"'{name}' data not found; tried {tried}; {fix}")
 
 
-def _read_parquet_labels(path: Path, column: str) -> np.ndarray:
+def _parquet_damage(path: Path, err: BaseException) -> DataError:
+    """The one-line error for a Parquet file that pyarrow cannot read."""
+    return DataError(f"Parquet file {path} {_damage(path)} ({_cause(err)}); {_PARQUET_FIX}")
+
+
+def _parquet_schema(path: Path) -> Any:
+    """The file's Arrow schema (footer only); a damaged file is a ``DataError``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    names = pq.ParquetFile(path).schema_arrow.names
-    if column not in names:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise _parquet_damage(path, e) from e
+
+
+def _parquet_column(path: Path, column: str) -> Any:
+    """One column (``a.b`` for a struct field) as a ChunkedArray; damaged pages: ``DataError``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=[column]).column(0)
+    except (pa.ArrowException, OSError) as e:
+        raise _parquet_damage(path, e) from e
+
+
+def _read_parquet_labels(path: Path, column: str) -> np.ndarray:
+    import pyarrow as pa
+
+    schema = _parquet_schema(path)
+    if column not in schema.names:
         raise DataError(
-            f"{path} has no label column '{column}' (columns: {', '.join(names)}); "
+            f"{path} has no label column '{column}' (columns: {', '.join(schema.names)}); "
             "is this the right CIFAR variant?"
         )
-    return pq.read_table(path, columns=[column]).column(0).to_numpy().astype(np.int64)
+    kind = schema.field(column).type
+    if not pa.types.is_integer(kind):
+        raise DataError(
+            f"{path} column '{column}' holds {kind}, not integer class labels; {_PARQUET_FIX}"
+        )
+    labels = _parquet_column(path, column)
+    if labels.null_count:
+        raise DataError(
+            f"{path} column '{column}' has {labels.null_count} missing labels; {_PARQUET_FIX}"
+        )
+    return labels.to_numpy().astype(np.int64)
+
+
+def _image_blobs(path: Path, rows: np.ndarray) -> list[bytes | None]:
+    """The PNG bytes of ``rows`` from the Hugging Face image column (``img.bytes``)."""
+    import pyarrow as pa
+
+    schema = _parquet_schema(path)
+    column = next((c for c in ("img", "image") if c in schema.names), None)
+    if column is None:
+        raise DataError(
+            f"{path} has no image column 'img' (columns: {', '.join(schema.names)}); "
+            f"{_PARQUET_FIX}"
+        )
+    kind = schema.field(column).type
+    if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0):
+        raise DataError(
+            f"{path} column '{column}' holds {kind}, not the image struct {{bytes, path}}; "
+            f"{_PARQUET_FIX}"
+        )
+    blobs = _parquet_column(path, f"{column}.bytes")
+    return blobs.take(pa.array(rows, type=pa.int64())).to_pylist()
+
+
+def _decode_png(path: Path, row: int, blob: bytes | None) -> np.ndarray:
+    """One row's image as uint8 [32, 32, 3]; bytes Pillow cannot decode are a ``DataError``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not blob:
+        raise DataError(f"{path} row {row} has no image bytes; {_PARQUET_FIX}")
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            pixels = np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise DataError(
+            f"{path} row {row}: the image bytes are not a PNG or any format Pillow reads; "
+            f"{_PARQUET_FIX}"
+        ) from None
+    except (*_IMAGE_ERRORS, Image.DecompressionBombError) as e:
+        raise DataError(
+            f"{path} row {row}: the image is truncated or corrupt ({_cause(e)}); {_PARQUET_FIX}"
+        ) from e
+    if pixels.shape != (32, 32, 3):
+        raise DataError(
+            f"{path} row {row} is {pixels.shape[:2]}, not a 32x32 image; is this CIFAR?"
+        )
+    return pixels
 
 
 def _decode_parquet_rows(path: Path, rows: np.ndarray) -> np.ndarray:
     """Decode the PNGs of ``rows`` (in that order) into uint8 [len(rows), 3, 32, 32]."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    names = pq.ParquetFile(path).schema_arrow.names
-    column = next((c for c in ("img", "image") if c in names), None)
-    if column is None:
-        raise DataError(f"{path} has no image column 'img' (columns: {', '.join(names)})")
-    blobs = pq.read_table(path, columns=[f"{column}.bytes"]).column(0)
-    blobs = blobs.take(pa.array(rows, type=pa.int64())).to_pylist()
+    blobs = _image_blobs(path, rows)
     out = np.empty((len(rows), 32, 32, 3), dtype=np.uint8)
     for i, blob in enumerate(blobs):
-        try:
-            with Image.open(io.BytesIO(blob)) as im:
-                pixels = np.asarray(im.convert("RGB"))
-        except Exception as e:
-            raise DataError(f"{path} row {rows[i]}: cannot decode the image ({e})") from e
-        if pixels.shape != (32, 32, 3):
-            raise DataError(f"{path} row {rows[i]} is {pixels.shape[:2]}, not a 32x32 image")
-        out[i] = pixels
+        out[i] = _decode_png(path, int(rows[i]), blob)
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 

@@ -156,10 +156,20 @@ def _require_file(path: Path, name: str) -> None:
 
 
 def _read_text(path: Path) -> str:
+    """The list's text; unreadable, non-UTF-8 or binary content is one ``DataError`` line."""
+    fix = "restore the file from the dataset's release"
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read list {path}: {e}; restore the file from the release") from e
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"list {path} is not UTF-8 text (byte {e.start}: {e.reason}); it is damaged or "
+            f"not a split list: {fix}"
+        ) from e
+    except OSError as e:
+        raise DataError(f"cannot read list {path}: {e}; {fix}") from e
+    if "\x00" in text:  # valid UTF-8 can still be binary data; it has no path-label lines
+        raise DataError(f"list {path} holds binary data (NUL bytes), not text lines; {fix}")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +189,7 @@ def _read_txt(path: Path) -> ImageListSplit:
         if len(parts) != 2 or not _INT_RE.fullmatch(parts[1]) or len(parts[1]) > 12:
             raise DataError(
                 f"{path.name} line {line_no} is malformed: {_show(line)}; expected "
-                f"'relative/path.jpg <integer label>' ({path})"
+                f"'relative/path.jpg <integer label>'; fix it ({path})"
             )
         paths.append(parts[0])
         labels.append(int(parts[1]))
@@ -245,8 +255,11 @@ def _read_txt_dataset(name: str, folder: Path) -> ImageLists:
     for f in files:
         _require_file(f, name)
     train, val, test = (_read_txt(f) for f in files)
-    if len(train) == 0:
-        raise DataError(f"{files[0]} lists no images; restore it from the {name} release")
+    for f, split in zip(files, (train, val, test), strict=True):
+        if len(split) == 0:
+            raise DataError(
+                f"{f} lists no images (it is empty or blank); restore it from the {name} release"
+            )
     _check_labels(train, None)
     num_classes = int(train.labels.max()) + 1
     _check_labels(val, num_classes)
@@ -271,42 +284,65 @@ def _load_json(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except json.JSONDecodeError as e:
+        what = "is empty" if not e.doc.strip() else "is not valid JSON"
         raise DataError(
-            f"{path.name} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); "
+            f"{path.name} {what} (line {e.lineno} column {e.colno}: {e.msg}); "
             f"restore {path} from the iNaturalist 2018 release"
         ) from e
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path.name} is not UTF-8 JSON (byte {e.start}: {e.reason}); restore {path} from "
+            "the iNaturalist 2018 release"
+        ) from e
+    except RecursionError as e:  # json.load recurses per nesting level: garbage like "[[[[..."
+        raise DataError(
+            f"{path.name} nests too deeply to be COCO-style JSON; restore {path} from the "
+            "iNaturalist 2018 release"
+        ) from e
+    except OSError as e:
         raise DataError(f"cannot read {path}: {e}; restore it from the iNaturalist release") from e
     if not isinstance(obj, dict):
         raise DataError(
             f"{path.name} holds a JSON {type(obj).__name__}, expected an object with 'images' "
-            f"and 'annotations' ({path})"
+            f"and 'annotations'; {_json_fix(path)}"
         )
     return obj
+
+
+def _json_fix(path: Path) -> str:
+    return f"restore {path} from the iNaturalist 2018 release"
 
 
 def _entries(obj: dict[str, Any], key: str, path: Path, required: bool = True) -> list[Any]:
     if key not in obj:
         if not required:
             return []
-        raise DataError(f"{path.name} has no '{key}' list; expected COCO-style JSON ({path})")
+        raise DataError(
+            f"{path.name} has no '{key}' list; expected COCO-style JSON; {_json_fix(path)}"
+        )
     value = obj[key]
     if not isinstance(value, list):
-        raise DataError(f"{path.name} '{key}' is a {type(value).__name__}, not a list ({path})")
+        raise DataError(
+            f"{path.name} '{key}' is a {type(value).__name__}, not a list; {_json_fix(path)}"
+        )
     return value
 
 
 def _field(entry: Any, key: str, kind: type, path: Path, where: str) -> Any:
     """``entry[key]`` checked to be a ``kind`` (bools are not ints)."""
     if not isinstance(entry, dict):
-        raise DataError(f"{path.name} {where} is a {type(entry).__name__}, not an object ({path})")
+        raise DataError(
+            f"{path.name} {where} is a {type(entry).__name__}, not an object; {_json_fix(path)}"
+        )
     if key not in entry:
-        raise DataError(f"{path.name} {where} lacks the key '{key}': {_show(str(entry))} ({path})")
+        raise DataError(
+            f"{path.name} {where} lacks the key '{key}': {_show(str(entry))}; {_json_fix(path)}"
+        )
     value = entry[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         raise DataError(
             f"{path.name} {where} has '{key}' = {_show(repr(value))}, expected "
-            f"{'an integer' if kind is int else 'a string'} ({path})"
+            f"{'an integer' if kind is int else 'a string'}; {_json_fix(path)}"
         )
     return value
 
@@ -373,8 +409,11 @@ def _read_inat18(folder: Path) -> tuple[ImageLists, dict[str, np.ndarray]]:
     _require_file(test_file, name)
     train, train_ids, train_names = _read_coco(train_file)
     test, test_ids, test_names = _read_coco(test_file)
-    if len(train) == 0:
-        raise DataError(f"{train_file} lists no images; restore it from the iNaturalist release")
+    for f, split in ((train_file, train), (test_file, test)):
+        if len(split) == 0:
+            raise DataError(
+                f"{f} lists no images ('images' is empty); restore it from the iNaturalist release"
+            )
     _check_labels(train, None, train_ids)
     num_classes = int(train.labels.max()) + 1
     _check_labels(test, num_classes, test_ids)
