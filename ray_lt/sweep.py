@@ -31,6 +31,7 @@ from ray_lt.interrupts import (
 from ray_lt.preflight import call_pipeline, check_pipeline, check_resources, check_space
 from ray_lt.spec import Resources, StageSpec, walk, with_resources
 from ray_lt.tracking import Tracker, default_tracking_uri, normalize_uri
+from ray_lt.tracking_server import free_port
 
 TRIAL_INDEX = "__trial_index__"
 # MLflow's HTTP client retries for minutes by default; a sweep should notice a lost server fast
@@ -270,11 +271,19 @@ def _run_tune(
         ray.cloudpickle.register_pickle_by_value(module)  # the file is not importable remotely
     started = not ray.is_initialized()
     if started:
+        init_kwargs = _ray_init_kwargs(args.address)
+        env = _worker_env(args.file, tracking_uri, data_root)
+        if not args.address:
+            _say_if_shared()
+            # Ray's state API (Train's placement-group cleaner uses it) finds "its" cluster by
+            # looking for running instances; with two on this machine it fails with "Found
+            # multiple active Ray instances". Point it at this sweep's own dashboard.
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{init_kwargs['dashboard_port']}"
         ray.init(
             num_cpus=args.num_cpus if not args.address else None,
-            runtime_env={"env_vars": _worker_env(args.file, tracking_uri, data_root)},
+            runtime_env={"env_vars": env},
             logging_level=logging.WARNING,
-            **_ray_init_kwargs(args.address),
+            **init_kwargs,
         )
     try:
         resources = _resources(exp, gpus, args.cpus_per_worker, ray.cluster_resources())
@@ -326,11 +335,29 @@ def _worker_env(file: str, tracking_uri: str, data_root: str | None) -> dict[str
 
 def _ray_init_kwargs(address: str | None) -> dict[str, Any]:
     """``ray.init`` arguments: the cluster at ``address``, else a new in-process Ray (never a
-    cluster some other ``ray start`` left on this machine) whose dashboard (needed,
-    RAY_NOTES.md) serves this machine only."""
+    cluster some other ``ray start`` left on this machine). Its dashboard is on: Ray Train's
+    clean-up of a stopped trial's workers asks the state API, which the dashboard serves. It
+    listens on 127.0.0.1 only, on a free port chosen here so the workers can be told where."""
     if address:
         return {"address": address}
-    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    return {
+        "address": "local",
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": free_port(),
+    }
+
+
+def _say_if_shared() -> None:
+    """Tell the user when another Ray instance already runs on this machine."""
+    from ray._private.services import find_gcs_addresses
+
+    others = find_gcs_addresses()
+    if others:
+        print(
+            f"ray-lt: another Ray instance runs on this machine ({', '.join(sorted(others))}); "
+            "this sweep starts its own beside it and they share the CPUs"
+        )
 
 
 def _replay(store: ArtifactStore, tracking_uri: str, experiment: str) -> None:

@@ -234,3 +234,22 @@ def test_ctrl_c_ends_the_sweep_cleanly_and_resume_finishes_it(tmp_path):
 @pytest.mark.ray
 def test_sigterm_ends_the_sweep_cleanly(tmp_path):
     _assert_clean_interrupt(tmp_path, _start_and_interrupt(tmp_path, signal.SIGTERM))
+
+
+# --- two Ray instances on one machine ----------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_a_sweep_beside_another_ray_instance_talks_only_to_its_own(tmp_path):
+    from tests.local_cluster import LocalCluster
+
+    other = LocalCluster(tmp_path, workers=0).start()  # another sweep's Ray, or a `ray start`
+    try:
+        proc = _run(_sweep_cmd(QUICKSTART, tmp_path, "--smoke"), tmp_path)
+    finally:
+        other.stop()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "another Ray instance runs on this machine" in proc.stdout
+    assert "Found multiple active Ray instances" not in out, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
