@@ -2,16 +2,16 @@
 
 A trial that needs a missing artifact takes the key's lock, trains and publishes; a second trial
 waits, then reuses the artifact. A dead holder's lock is broken: at once when its process on this
-host is gone, else when its heartbeat stops for the stale interval. The store's file-system
-helpers do the I/O; this module knows nothing of Ray or MLflow.
+host is gone, else when its heartbeat stops for the stale interval. All I/O goes through the
+store's file-system layer (``StoreFS``); this module knows nothing of artifacts, Ray or MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -19,21 +19,56 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import pyarrow.fs as pafs
-
-from ray_lt.errors import ArtifactError
-
-if TYPE_CHECKING:
-    from ray_lt.artifacts import ArtifactStore
+from ray_lt.errors import ArtifactError, ConfigError
+from ray_lt.liveness import owner_alive, process_space, process_start
+from ray_lt.store_layout import LOCKS_DIR
+from ray_lt.storefs import StoreFS, one_line, temp_files_of
 
 log = logging.getLogger(__name__)
-_PROC = "/proc"
+#: A lock moved aside while being broken or released: ``<key>.stale-<uuid>``.
+SIDE_FILE_RE = re.compile(r".+\.stale-[0-9a-f]{32}")
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def lock_path(fs: StoreFS, key: str) -> str:
+    """Where the lock of ``key`` lives: ``<root>/_locks/<key>.lock``."""
+    return fs.path(LOCKS_DIR, f"{key}.lock")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from environment variable ``name`` (``default`` if unset);
+    anything else is a ConfigError naming the variable."""
+    raw = os.environ.get(name)
+    try:
+        value = default if raw is None else float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(
+            f"{name}={raw!r} is not a positive number of seconds; set e.g. {name}=60"
+        )
+    return value
+
+
+def stale_s() -> float:
+    """The lock stale interval: also how old a temporary file must be to count as a leftover."""
+    return env_seconds("RAY_LT_LOCK_STALE_S", 120.0)
+
+
+def lock_settings(
+    stale_after_s: float | None = None, heartbeat_s: float | None = None
+) -> tuple[float, float]:
+    """(stale interval, heartbeat interval), each from the environment unless given; a
+    heartbeat that is not shorter than the stale interval would let a live lock be broken."""
+    stale = stale_s() if stale_after_s is None else stale_after_s
+    beat = env_seconds("RAY_LT_LOCK_HEARTBEAT_S", 10.0) if heartbeat_s is None else heartbeat_s
+    if not 0 < beat < stale:
+        raise ConfigError(
+            f"lock heartbeat {beat} s must be positive and shorter than stale_after {stale} s;"
+            " lower RAY_LT_LOCK_HEARTBEAT_S or raise RAY_LT_LOCK_STALE_S"
+        )
+    return stale, beat
 
 
 def hms(ts: float) -> str:
@@ -59,65 +94,10 @@ class Clock:
         return event.wait(seconds)
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` as text, so that a reused pid is not taken for the
-    process that wrote a lock; ``""`` if no such live process exists, None if this host cannot
-    tell (then the lock is judged by its heartbeat)."""
-    if os.path.exists(f"{_PROC}/self/stat"):
-        return _proc_start(pid)
-    try:
-        import psutil
-    except ImportError:
-        return None
-    try:
-        proc = psutil.Process(pid)
-        return "" if proc.status() == psutil.STATUS_ZOMBIE else repr(proc.create_time())
-    except psutil.NoSuchProcess:
-        return ""
-    except psutil.Error:
-        return None
+class Sweeper(Protocol):
+    """The store's leftover sweep, as a lock calls it after breaking a dead holder's lock."""
 
-
-def _proc_start(pid: int) -> str | None:
-    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks since boot); a zombie is
-    gone (a killed holder whose parent has not reaped it yet)."""
-    try:
-        with open(f"{_PROC}/{pid}/stat", encoding="ascii", errors="replace") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()  # the name in (...) may hold spaces
-    if len(fields) < 20:
-        return None
-    return "" if fields[0] in ("Z", "X") else fields[19]
-
-
-@functools.cache
-def _process_space() -> str:
-    """Where a pid names one process: the host name, plus on Linux the boot and the pid
-    namespace, so containers that share a host name never judge each other's pids."""
-    parts = [socket.gethostname()]
-    with contextlib.suppress(OSError):
-        with open(f"{_PROC}/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip()
-        parts += [boot, os.readlink(f"{_PROC}/self/ns/pid")]
-    return "/".join(parts)
-
-
-def owner_alive(rec: dict[str, Any] | None) -> bool | None:
-    """Whether the process that wrote lock record ``rec`` still runs: False if it is gone or
-    its pid was reused, None when this process cannot tell (another host, an old record)."""
-    if not rec or rec.get("space") != _process_space():
-        return None
-    pid, started = rec.get("pid"), rec.get("started")
-    if not isinstance(pid, int) or pid <= 0 or not isinstance(started, str) or not started:
-        return None
-    now = process_start(pid)
-    if now is None:
-        return None
-    return now == started
+    def __call__(self, older_than_s: float, *, now: float) -> object: ...
 
 
 class StageLock:
@@ -127,27 +107,38 @@ class StageLock:
     A daemon thread rewrites ``heartbeat_at`` every ``heartbeat_s``. A waiter breaks the lock at
     once when its holder's process on this host is gone (``space``, ``pid`` and ``started`` tell
     it), else when the heartbeat is older than ``stale_after_s``; breaking also removes the
-    holder's leftover temporary files. On local disks the file is created with
-    ``O_CREAT | O_EXCL``, which is atomic. Elsewhere it is written if absent, then re-read to
-    check the token: two writers that both see it absent within one round trip can both believe
-    they hold it. That race costs a duplicate training run, never a corrupt artifact (``put``
-    keeps one).
+    holder's leftover temporary files. The file is created with ``StoreFS.create_exclusive``:
+    atomic on local disks; elsewhere two writers that both see it absent within one round trip
+    can both believe they hold it. That race costs a duplicate training run, never a corrupt
+    artifact (the store's ``put`` keeps one).
+
+    Args:
+        fs: the store's file system.
+        key: the stage key (already checked by the store).
+        owner: who holds it (a trial id), written into the lock file.
+        stale_after_s: a lock whose heartbeat is older is broken.
+        heartbeat_s: how often the holder refreshes it.
+        clock: wall time, sleeping and waiting (tests pass a fake one; default real time).
+        sweep: called after this lock broke a dead holder's, so that what the holder's killed
+            writers left goes too (the store's leftover sweep).
     """
 
     def __init__(
         self,
-        store: ArtifactStore,
+        fs: StoreFS,
         key: str,
         owner: str,
         *,
         stale_after_s: float,
         heartbeat_s: float,
         clock: Clock | None = None,
+        sweep: Sweeper | None = None,
     ) -> None:
-        self.store, self.key, self.owner = store, key, owner
+        self.fs, self.key, self.owner = fs, key, owner
         self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
         self.clock = clock or Clock()
-        self.path = store._path("_locks", f"{key}.lock")
+        self.path = lock_path(fs, key)
+        self._sweep = sweep
         self._token: str | None = None
         self._acquired_at = 0.0
         self._announced: str | None = None
@@ -164,7 +155,7 @@ class StageLock:
         rec = {
             "owner": self.owner,
             "host": socket.gethostname(),
-            "space": _process_space(),
+            "space": process_space(),
             "pid": pid,
             "started": process_start(pid),
             "token": self._token,
@@ -174,21 +165,10 @@ class StageLock:
         return json.dumps(rec).encode()
 
     def _create(self, data: bytes) -> bool:
-        """Create the lock file if absent; True if this call created it."""
-        if self.store._local:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return True
-        if self.store._read_bytes(self.path) is not None:
-            return False
-        self.store._write_bytes(self.path, data)
-        return _token_of(self.store._read_bytes(self.path)) == json.loads(data)["token"]
+        """Create the lock file if absent; True if this call created it (on object stores: if
+        the file read back holds this record's token)."""
+        token = json.loads(data)["token"]
+        return self.fs.create_exclusive(self.path, data, lambda got: _token_of(got) == token)
 
     def acquire(
         self,
@@ -209,15 +189,14 @@ class StageLock:
         """
         if self.held:
             raise ArtifactError(f"lock {self.path} is already held by this {self.owner!r} object")
-        if self.store._local:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fs.makedirs(self.fs.path(LOCKS_DIR))
         deadline = None if timeout_s is None else self.clock.monotonic() + timeout_s
         while True:
             if should_stop is not None and should_stop():
                 return False
             if self._try_create():
                 return True
-            seen = self.store._read_bytes(self.path)
+            seen = self.fs.read_bytes(self.path)
             if seen is None or self._break_if_dead(seen):
                 continue
             left = None if deadline is None else deadline - self.clock.monotonic()
@@ -254,8 +233,7 @@ class StageLock:
         try:
             return float((rec or {})["heartbeat_at"])
         except (KeyError, TypeError, ValueError):
-            info = self.store.fs.get_file_info(self.path)
-            return None if info.mtime is None else info.mtime.timestamp()
+            return self.fs.mtime(self.path)
 
     def _break_if_dead(self, seen: bytes) -> bool:
         """Break the lock in ``seen`` if its holder is dead; True if it is gone now."""
@@ -269,21 +247,20 @@ class StageLock:
         log.warning("broke lock %s of %s: %s", self.path, _holder(rec), why)
         for path in leftovers:
             with contextlib.suppress(OSError):
-                self.store.fs.delete_file(path)
-        self.store.sweep(self.stale_after_s, now=self.clock.time())
+                self.fs.remove_file(path)
+        if self._sweep is not None:
+            self._sweep(self.stale_after_s, now=self.clock.time())
         return True
 
     def _holder_temp_files(self) -> list[str]:
         """The lock's own ``.<key>.lock.<uuid>.tmp`` files (heartbeat writes in flight); listed
         before a lock is broken, so a new holder's later writes are never among them."""
-        name = re.compile(re.escape(f".{self.key}.lock.") + r"[0-9a-f]{32}\.tmp")
-        folder = self.store._path("_locks")
-        sel = pafs.FileSelector(folder, recursive=False, allow_not_found=True)
+        name = temp_files_of(f"{self.key}.lock")
         try:
-            infos = self.store.fs.get_file_info(sel)
+            found = self.fs.entries(self.fs.path(LOCKS_DIR))
         except OSError:
             return []
-        return [i.path for i in infos if name.fullmatch(i.base_name)]
+        return [e.path for e in found if name.fullmatch(e.name)]
 
     def _announce(self, seen: bytes) -> None:
         """Say once per lock (token) whose lock this waiter waits on, and until when."""
@@ -301,33 +278,25 @@ class StageLock:
 
     def _take_away(self, match: Callable[[bytes], bool]) -> bool:
         """Move the lock file aside and delete it if ``match``es its content, else put it back."""
-        side = self.store._path("_locks", f"{self.key}.stale-{uuid.uuid4().hex}")
+        side = self.fs.path(LOCKS_DIR, f"{self.key}.stale-{uuid.uuid4().hex}")
         try:
-            if self.store._local:
-                os.rename(self.path, side)
-            else:
-                self.store.fs.move(self.path, side)
+            self.fs.rename(self.path, side)
         except OSError:
             return False  # someone else moved it first
-        got = self.store._read_bytes(side)
+        got = self.fs.read_bytes(side)
         if got is None:
             return False  # swept meanwhile as a stale leftover: it is gone, nothing to restore
         if match(got):
             self._delete(side)
             return True
         # It changed since we looked (a heartbeat or a new holder): restore it unless replaced.
-        if self.store._local:
-            with contextlib.suppress(FileExistsError, FileNotFoundError):
-                os.link(side, self.path)
-        elif self.store._read_bytes(self.path) is None:
-            with contextlib.suppress(FileNotFoundError):
-                self.store.fs.copy_file(side, self.path)
+        self.fs.copy_if_absent(side, self.path)
         self._delete(side)
         return False
 
     def _delete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.store.fs.delete_file(path)
+            self.fs.remove_file(path)
 
     def _beat(self) -> None:
         while not self.clock.wait(self._stop, self.heartbeat_s):
@@ -338,18 +307,18 @@ class StageLock:
         """Refresh ``heartbeat_at`` now (the daemon thread calls this every ``heartbeat_s``);
         False once the lock was taken from this holder, which then stops relying on it."""
         try:
-            seen = self.store._read_bytes(self.path)
+            seen = self.fs.read_bytes(self.path)
             if seen is None:  # briefly moved aside by a waiter: recreate it if still free
                 if self._create(self._record()):
                     return True
-                seen = self.store._read_bytes(self.path)
+                seen = self.fs.read_bytes(self.path)
             if _token_of(seen) != self._token:
                 log.warning("lock %s was taken from %r; stop relying on it", self.path, self.owner)
                 self._token = None
                 return False
-            self.store._write_bytes(self.path, self._record())
+            self.fs.write_bytes(self.path, self._record())
         except OSError as exc:  # a transient store error: try again next beat
-            log.warning("heartbeat of %s failed: %s", self.path, _one_line(exc))
+            log.warning("heartbeat of %s failed: %s", self.path, one_line(exc))
         return True
 
     def release(self) -> None:
@@ -388,7 +357,16 @@ def _token_of(raw: bytes | None, field: str = "token") -> str | None:
     return None if rec is None else rec.get(field)
 
 
-def release_dead_locks(store: ArtifactStore, wait_s: float = 5.0) -> list[str]:
+class LockingStore(Protocol):
+    """What ``release_dead_locks`` needs of a store: its file system and its locks (which carry
+    the store's stale interval and leftover sweep)."""
+
+    storefs: StoreFS
+
+    def lock(self, key: str, owner: str) -> StageLock: ...
+
+
+def release_dead_locks(store: LockingStore, wait_s: float = 5.0) -> list[str]:
     """Break every lock in ``store`` whose holder process on this host is gone; the keys freed.
 
     The sweep driver calls this after an interrupt has shut Ray down: the trial processes that
@@ -400,7 +378,7 @@ def release_dead_locks(store: ArtifactStore, wait_s: float = 5.0) -> list[str]:
     deadline = time.monotonic() + wait_s
     while True:
         waiting = False
-        for key, seen in _lock_files(store):
+        for key, seen in _lock_files(store.storefs):
             alive = owner_alive(_parse(seen))
             if alive is False and store.lock(key, "sweep driver")._break_if_dead(seen):
                 freed.append(key)
@@ -410,13 +388,12 @@ def release_dead_locks(store: ArtifactStore, wait_s: float = 5.0) -> list[str]:
         time.sleep(0.25)
 
 
-def _lock_files(store: ArtifactStore) -> list[tuple[str, bytes]]:
+def _lock_files(fs: StoreFS) -> list[tuple[str, bytes]]:
     """(key, content) of every lock file in the store."""
-    sel = pafs.FileSelector(store._path("_locks"), recursive=False, allow_not_found=True)
     out = []
-    for info in store.fs.get_file_info(sel):
-        if info.base_name.endswith(".lock") and not info.base_name.startswith("."):
-            seen = store._read_bytes(info.path)
+    for entry in fs.entries(fs.path(LOCKS_DIR)):
+        if entry.name.endswith(".lock") and not entry.name.startswith("."):
+            seen = fs.read_bytes(entry.path)
             if seen is not None:
-                out.append((info.base_name[: -len(".lock")], seen))
+                out.append((entry.name[: -len(".lock")], seen))
     return out

@@ -79,6 +79,34 @@ def test_stage_key_rejects_non_json_values_naming_the_key():
         stage_key("../evil", {}, {}, "1")
 
 
+def test_stage_key_is_computed_once_per_spec_and_unchanged(monkeypatch):
+    import dataclasses
+
+    from ray_lt import spec as spec_module
+    from tests.conftest import tiny_ce, tiny_crt
+
+    hashed: list[str] = []
+    real = spec_module.stage_key
+
+    def counting(kind, *args):
+        hashed.append(kind)
+        return real(kind, *args)
+
+    monkeypatch.setattr(spec_module, "stage_key", counting)
+    ce = tiny_ce()
+    # Both values were computed with the code before keys were cached (and moved to spec.py).
+    assert ce.key == "ce-0bebdb2bc9df4d69" and ce.key == ce.key
+    assert hashed == ["ce"] and ce.__dict__["key"] == "ce-0bebdb2bc9df4d69"
+    crt = tiny_crt(ce)
+    assert crt.key == "crt-d4fa24f08c0285dc" and crt.key == crt.key
+    assert hashed == ["ce", "crt"]  # the input's cached key was reused
+    fresh = tiny_ce()  # equality, hashing and repr ignore the cache
+    assert fresh == ce and hash(fresh) == hash(ce) and repr(fresh) == repr(ce)
+    assert fresh.key == ce.key and hashed == ["ce", "crt", "ce"]
+    renamed = dataclasses.replace(ce, name="other")  # a new spec hashes its own key
+    assert renamed.key == ce.key and hashed == ["ce", "crt", "ce", "ce"]
+
+
 # -- store basics -----------------------------------------------------------------------------
 
 

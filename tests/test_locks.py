@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from ray_lt import locks
+from ray_lt import liveness
 from ray_lt.artifacts import ArtifactStore
 from ray_lt.errors import ConfigError
 from ray_lt.locks import Clock, hms, owner_alive, process_start
@@ -225,7 +225,7 @@ def test_broken_stale_lock_takes_its_holder_temp_files_along(tmp_path):
 
 def test_reused_pid_is_a_dead_owner(tmp_path):
     store = ArtifactStore(tmp_path)
-    me = {"host": socket.gethostname(), "space": locks._process_space(), "pid": os.getpid()}
+    me = {"host": socket.gethostname(), "space": liveness.process_space(), "pid": os.getpid()}
     started = process_start(os.getpid())
     assert started
     write_lock(tmp_path, **me, started=started, heartbeat_at=time.time())
@@ -377,7 +377,7 @@ def test_half_written_lock_is_judged_by_its_age(tmp_path):
 def test_process_start_and_owner_alive(monkeypatch):
     mine, gone = process_start(os.getpid()), dead_pid()
     assert mine and process_start(os.getpid()) == mine and process_start(gone) == ""
-    here = {"space": locks._process_space(), "pid": os.getpid(), "started": mine}
+    here = {"space": liveness.process_space(), "pid": os.getpid(), "started": mine}
     assert owner_alive(here) is True
     assert owner_alive({**here, "pid": gone}) is False
     assert owner_alive({**here, "started": mine + "0"}) is False
@@ -385,7 +385,7 @@ def test_process_start_and_owner_alive(monkeypatch):
     assert owner_alive({**here, "started": None}) is None  # a record of an older version
     assert owner_alive(None) is None
     psutil = pytest.importorskip("psutil")
-    monkeypatch.setattr(locks, "_PROC", "/nonexistent-proc")  # e.g. macOS: psutil answers
+    monkeypatch.setattr(liveness, "_PROC", "/nonexistent-proc")  # e.g. macOS: psutil answers
     assert process_start(os.getpid()) == repr(psutil.Process().create_time())
     assert process_start(gone) == ""
 
