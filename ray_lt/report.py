@@ -2,15 +2,21 @@
 
 Reads the experiment's finished trial runs from MLflow (the same tracking URI the sweep used)
 and writes ``reports/<experiment>/table.{md,tex,csv}`` and ``per_class.png``; the Markdown table
-is also printed. Test-split numbers, mean ± std over seeds, best per column in bold.
+is also printed. Test-split numbers, mean ± std over seeds with the 95% confidence interval, best
+per column in bold, and a significance mark against the baseline row (the experiment's
+``baseline``, or ``--baseline key=value[,key=value]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
+from collections.abc import Mapping
+from typing import Any
 
-from ray_lt.errors import RayLtError
+from ray_lt.errors import ConfigError, RayLtError
 from ray_lt.experiment import load_experiment
 from ray_lt.reporting import DEFAULT_METRICS, build_report
 from ray_lt.tracking import default_tracking_uri, normalize_uri
@@ -30,9 +36,21 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated columns (default: the experiment's report_metrics, "
         f"usually {','.join(DEFAULT_METRICS)})",
     )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="params of the row every other row is tested against, e.g. method=ce or "
+        "optim/lr=0.05 (default: the experiment's baseline, if any)",
+    )
     args = p.parse_args(argv)
     try:
         exp = load_experiment(args.file, smoke=args.smoke)
+        baseline = (
+            parse_baseline(args.baseline)
+            if args.baseline is not None
+            else experiment_baseline(exp)
+        )
         uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
         report = build_report(
             uri,
@@ -42,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.metrics
             else list(exp.report_metrics),
             smoke=args.smoke,
+            baseline=baseline,
         )
     except RayLtError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -50,6 +69,31 @@ def main(argv: list[str] | None = None) -> int:
     for kind, path in sorted(report.files.items()):
         print(f"wrote {kind}: {path}")
     return 0
+
+
+def parse_baseline(text: str) -> dict[str, str]:
+    """``"method=ce,optim/lr=0.05"`` -> ``{"method": "ce", "optim/lr": "0.05"}``.
+
+    A comma splits only where a ``key=`` follows, so a value may hold commas (``[1, 2]``).
+    """
+    parts = re.split(r",(?=[^,=]+=)", text.strip())
+    pairs = [part.partition("=") for part in parts]
+    if not text.strip() or any(not key.strip() or not eq for key, eq, _ in pairs):
+        raise ConfigError(
+            f"--baseline {text!r} is not KEY=VALUE[,KEY=VALUE]; pass e.g. --baseline method=ce"
+        )
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+def experiment_baseline(exp: Any) -> Mapping[str, Any] | None:
+    """The experiment's ``baseline`` field, or None for an ``Experiment`` that has no such field.
+
+    Checked by the dataclass's fields rather than ``getattr`` so that a misspelt attribute is
+    never silently read as "no baseline".
+    """
+    if "baseline" in {f.name for f in dataclasses.fields(exp)}:
+        return exp.baseline
+    return None
 
 
 if __name__ == "__main__":

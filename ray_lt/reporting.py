@@ -1,9 +1,12 @@
 """Turn a sweep's MLflow trial runs into the ablation tables and plot a paper would print.
 
-Groups the ``ray_lt.role=trial`` runs by ``ray_lt.config_id`` and writes mean ± std over seeds as
-Markdown, LaTeX (booktabs) and CSV, plus per-class accuracy from each run's ``per_class.parquet``,
-so no number is copied by hand and a missing one shows as a dash, never 0. It only reads the
-store (never creates runs, experiments or a sqlite file). ``ray_lt/report.py`` is its CLI.
+Groups the ``ray_lt.role=trial`` runs by ``ray_lt.config_id`` and writes mean ± std over seeds,
+the 95% confidence interval of the mean and, when a baseline row is named, a significance mark
+from a t-test against it (``ray_lt.stats``) as Markdown, LaTeX (booktabs) and CSV, plus per-class
+accuracy from each run's ``per_class.parquet``, so no number is copied by hand and a missing one
+shows as a dash, never 0. It only reads the store (never creates runs, experiments or a sqlite
+file), and checks everything it can (metrics, the baseline) before it writes a file, so an error
+leaves an earlier report untouched. ``ray_lt/report.py`` is its CLI.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ import math
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ray_lt.errors import ConfigError, CorruptArtifactError, RayLtError
+from ray_lt.stats import MARKS_LEGEND, Comparison, compare, mean_ci, significance_mark
+from ray_lt.tracking import flatten
 
 DEFAULT_METRICS = ("many", "medium", "few", "overall")
 PER_CLASS_ARTIFACT = "per_class.parquet"
@@ -27,11 +33,24 @@ PER_CLASS_COLUMNS = ("class", "train_count", "group", "accuracy")
 _FIX = "run `python -m ray_lt.sweep FILE` first (or pass --tracking-uri)"
 _DASH_MD, _DASH_TEX = "–", "--"
 _CSV_STATS = (("", "_mean"), ("", "_std"), ("best_", ""))
+# appended after the param columns, so every older column keeps its name and position
+_CSV_TESTS = ("_n", "_ci_lo", "_ci_hi", "_p", "_test", "_delta")
+CI_LEVEL = 0.95
+_TESTS = {
+    "paired": "paired t-test over matched seeds",
+    "welch": "Welch's t-test",
+    "none": "no test, n < 2",
+}
 
 
 @dataclass
 class ReportRow:
-    """One configuration: its runs over seeds and the statistics of each metric."""
+    """One configuration: its runs over seeds and the statistics of each metric.
+
+    ``n`` counts a metric's finite values (NaN runs are ignored), ``ci_lo``/``ci_hi`` bound the
+    95% Student-t interval of its mean (NaN when n < 2), and ``comparison`` holds the test
+    against the baseline row per metric (empty for the baseline itself and without one).
+    """
 
     config_id: str
     label: str
@@ -41,6 +60,11 @@ class ReportRow:
     mean: dict[str, float]
     std: dict[str, float]
     run_ids: list[str] = field(default_factory=list)
+    n: dict[str, int] = field(default_factory=dict)
+    ci_lo: dict[str, float] = field(default_factory=dict)
+    ci_hi: dict[str, float] = field(default_factory=dict)
+    comparison: dict[str, Comparison] = field(default_factory=dict)
+    baseline: bool = False
 
 
 @dataclass
@@ -59,6 +83,7 @@ class Report:
     skipped_by_status: dict[str, int] = field(default_factory=dict)
     duplicate_runs: int = 0
     missing_per_class: int = 0
+    baseline: str | None = None  # config_id of the baseline row
 
 
 def build_report(
@@ -70,6 +95,7 @@ def build_report(
     mode: str = "max",
     smoke: bool | None = None,
     title: str | None = None,
+    baseline: Mapping[str, Any] | None = None,
 ) -> Report:
     """Read the finished trial runs of an experiment and write table.{md,tex,csv} + per_class.png.
 
@@ -81,6 +107,11 @@ def build_report(
         mode: ``"max"`` or ``"min"``: which mean is best (bold) in each column.
         smoke: only smoke runs (True), only full runs (False), or both (None).
         title: title line of the Markdown table; defaults to the experiment name.
+        baseline: params of the row every other row is tested against, e.g. ``{"method": "ce"}``
+            (nested mappings as in the config; values compared as the strings MLflow stored; a
+            key may also be the last part of a param name, ``lr`` for ``optim/lr``, when that is
+            unambiguous). It must match exactly one row, else ``ConfigError`` before any file
+            is written. None: no tests, no marks.
     """
     metrics = list(metrics)
     if mode not in ("max", "min"):
@@ -104,9 +135,13 @@ def build_report(
             f"'{experiment_name}'; logged: {', '.join(logged) or 'none'}"
         )
     rows, duplicates = _rows(finished, metrics)
+    base = None if baseline is None else _baseline_row(rows, baseline, experiment_name)
+    if base is not None:
+        _compare(rows, base, metrics)
     best, n_skipped = _best(rows, metrics, mode), sum(skipped.values())
     report = Report(experiment_name, rows, best, n_skipped, {}, "", metrics, mode)
     report.title, report.duplicate_runs = title or experiment_name, duplicates
+    report.baseline = None if base is None else base.config_id
     report.skipped_by_status = dict(sorted(skipped.items()))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,9 +242,59 @@ def _rows(finished: list, metrics: list[str]) -> tuple[list[ReportRow], int]:
         stats = {m: _nan_stats(v) for m, v in values.items()}
         mean, std = ({m: st[i] for m, st in stats.items()} for i in (0, 1))
         run_ids = [r.info.run_id for r in runs]
-        rows.append(ReportRow(cid, labels[cid], groups[cid], order, values, mean, std, run_ids))
+        row = ReportRow(cid, labels[cid], groups[cid], order, values, mean, std, run_ids)
+        for m, v in values.items():
+            row.n[m], _, _, row.ci_lo[m], row.ci_hi[m] = mean_ci(v, CI_LEVEL)
+        rows.append(row)
     rows.sort(key=lambda r: (_natural_key(r.label), r.config_id))
     return rows, duplicates
+
+
+def _baseline_row(
+    rows: list[ReportRow], baseline: Mapping[str, Any], experiment: str
+) -> ReportRow:
+    """The one row whose params match every key/value of ``baseline``; else a ConfigError.
+
+    Values are flattened and stringified exactly as the sweep logs params (``tracking.flatten``),
+    so ``{"optim": {"lr": 0.05}}``, ``{"optim/lr": 0.05}`` and ``{"optim/lr": "0.05"}`` all match
+    the param ``optim/lr=0.05``. A key that is no param name is looked up as the last part of one
+    (``lr`` for ``optim/lr``, the name the labels show) when exactly one param ends so.
+    """
+    if not isinstance(baseline, Mapping) or not baseline:
+        raise ConfigError(
+            f"baseline must be a non-empty mapping of params to values, got {baseline!r}; "
+            "pass e.g. baseline={'method': 'ce'} or --baseline method=ce"
+        )
+    want = flatten(baseline)
+    shown = ",".join(f"{k}={v}" for k, v in want.items())
+    keys = sorted({k for r in rows for k in r.params})
+    resolved = {}
+    for key, value in want.items():
+        ends = [k for k in keys if k.endswith(f"/{key}")]
+        resolved[key if key in keys or len(ends) != 1 else ends[0]] = value
+    matches = [r for r in rows if all(r.params.get(k) == v for k, v in resolved.items())]
+    if len(matches) == 1:
+        return matches[0]
+    labels = "; ".join(r.label for r in rows)
+    if not matches:
+        raise ConfigError(
+            f"baseline {shown} matches no row of '{experiment}'; rows: {labels} "
+            f"(params: {', '.join(keys) or 'none'}); pass key=value params of one row"
+        )
+    raise ConfigError(
+        f"baseline {shown} matches {len(matches)} rows of '{experiment}' "
+        f"({'; '.join(r.label for r in matches)}); add a key=value that tells them apart"
+    )
+
+
+def _compare(rows: list[ReportRow], base: ReportRow, metrics: list[str]) -> None:
+    """Mark the baseline row and test every other row against it, metric by metric."""
+    for row in rows:
+        row.baseline = row is base
+        if row is not base:
+            row.comparison = {
+                m: compare(row.values[m], base.values[m], row.seeds, base.seeds) for m in metrics
+            }
 
 
 def _short_value(value: str) -> str:
@@ -252,11 +337,54 @@ def format_cell(mean: float, std: float, dash: str = _DASH_MD, pm: str = " ± ")
     return f"{100 * mean:.1f}{pm}{100 * (0.0 if math.isnan(std) else std):.1f}"
 
 
+def format_ci(lo: float, hi: float) -> str:
+    """'[37.8, 38.8]' from fractions (percent, 1 decimal); '' when there is no interval."""
+    if math.isnan(lo) or math.isnan(hi):
+        return ""
+    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _row_label(row: ReportRow) -> str:
+    return f"{row.label} (baseline)" if row.baseline else row.label
+
+
+def _cell_list(cells: list[tuple[ReportRow, str]], everything: int) -> str:
+    """'lr=0.1: few, many; lr=0.2: few' (or '' when the list covers ``everything`` cells)."""
+    if len(cells) == everything:
+        return ""
+    by_row: dict[str, list[str]] = {}
+    for row, metric in cells:
+        by_row.setdefault(_row_label(row), []).append(metric)
+    return "; ".join(f"{label}: {', '.join(ms)}" for label, ms in by_row.items())
+
+
 def _notes(report: Report) -> list[str]:
-    """The seeds-per-row line and the footnotes (skipped, duplicate, artifact-less runs)."""
+    """The seeds-per-row line and the footnotes (skipped, duplicate, artifact-less runs, cells
+    over fewer values than seeds or without an interval, the tests against the baseline)."""
     counts = sorted({len(r.seeds) for r in report.rows})
     per_row = "seeds per row: " + ", ".join(f"{r.label}: {len(r.seeds)}" for r in report.rows)
     notes = [f"{_n(counts[0], 'seed')} per row." if len(counts) == 1 else per_row + "."]
+    cells = [(r, m) for r in report.rows for m in report.metrics if r.n[m] > 0]
+    if fewer := [
+        f"{r.label} {m}: {r.n[m]} of {len(r.seeds)}" for r, m in cells if r.n[m] < len(r.seeds)
+    ]:
+        notes.append(f"Fewer values than seeds (NaN runs ignored): {', '.join(fewer)}.")
+    if ones := [(r, m) for r, m in cells if r.n[m] == 1]:
+        which = _cell_list(ones, len(cells))
+        notes.append(f"n = 1: no interval{f' ({which})' if which else ''}.")
+    if report.baseline is not None:
+        tests: dict[str, list[tuple[ReportRow, str]]] = {}
+        for r in report.rows:
+            for m, c in r.comparison.items():
+                tests.setdefault(c.test, []).append((r, m))
+        total = sum(len(v) for v in tests.values())
+        used = [
+            _TESTS[t] + (f" ({which})" if (which := _cell_list(tests[t], total)) else "")
+            for t in _TESTS
+            if t in tests
+        ]
+        if used:
+            notes.append(f"Tests vs the baseline (two-sided): {'; '.join(used)}.")
     detail = ", ".join(f"{s}: {n}" for s, n in report.skipped_by_status.items()) or "none"
     notes.append(f"Skipped {_n(report.skipped_runs, 'unfinished trial run')} ({detail}).")
     if report.duplicate_runs:
@@ -270,22 +398,63 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _cells(report: Report, row: ReportRow, dash: str, pm: str, bold: str) -> list[str]:
-    """The formatted metric cells of one row; ``bold`` wraps the best cell ('{}' = the cell)."""
-    cells = [format_cell(row.mean[m], row.std[m], dash, pm) for m in report.metrics]
-    best = [report.best.get(m) == row.config_id for m in report.metrics]
-    return [bold.format(c) if b else c for c, b in zip(cells, best, strict=True)]
+def _cells(
+    report: Report,
+    row: ReportRow,
+    dash: str,
+    pm: str,
+    bold: str,
+    ci: str,
+    mark: Callable[[str], str],
+) -> list[str]:
+    """The formatted metric cells of one row: 'mean ± std', its CI, its significance mark.
+
+    ``bold`` wraps the best 'mean ± std' and ``ci`` the interval ('{}' = the text); ``mark``
+    formats the mark ('**'). A cell without an interval (n < 2) or a test result gets neither.
+    """
+    cells = []
+    for m in report.metrics:
+        cell = format_cell(row.mean[m], row.std[m], dash, pm)
+        if report.best.get(m) == row.config_id:
+            cell = bold.format(cell)
+        if interval := format_ci(row.ci_lo[m], row.ci_hi[m]):
+            cell += ci.format(interval)
+        if m in row.comparison and (sig := significance_mark(row.comparison[m].p)):
+            cell += mark(sig)
+        cells.append(cell)
+    return cells
+
+
+def _md_mark(sig: str) -> str:
+    """'\\*\\*': escaped, since Markdown would read a bare '**' as bold."""
+    return sig.replace("*", "\\*")
+
+
+def _caption(report: Report) -> str:
+    better = "higher" if report.mode == "max" else "lower"
+    level = f"{100 * CI_LEVEL:g}%"
+    return (
+        f"Accuracy (%), mean ± std over seeds [{level} CI of the mean, Student t]; n = seeds; "
+        f"bold = best mean ({better} is better)."
+    )
+
+
+def _marks_caption(report: Report) -> str:
+    base = next(r.label for r in report.rows if r.config_id == report.baseline)
+    return f"Marks: t-test of each row against the baseline ({base}): {MARKS_LEGEND}."
 
 
 def format_markdown(report: Report) -> str:
     """The Markdown table: title, caption, one row per configuration, seeds line, footnotes."""
-    better = "higher" if report.mode == "max" else "lower"
-    caption = f"Accuracy (%), mean ± std over seeds; bold = best mean ({better} is better)."
-    head = "| configuration | " + " | ".join(report.metrics) + " |\n|---|"
-    lines = [f"# {report.title}", "", caption, "", head + "---:|" * len(report.metrics)]
+    caption = [_caption(report)]
+    if report.baseline is not None:  # '*' escaped: Markdown would read '**' as bold
+        caption.append(_marks_caption(report).replace("*", "\\*"))
+    head = "| configuration | n | " + " | ".join(report.metrics) + " |\n|---|---:|"
+    lines = [f"# {report.title}", "", *caption, "", head + "---:|" * len(report.metrics)]
     for row in report.rows:
-        cells = _cells(report, row, _DASH_MD, " ± ", "**{}**")
-        lines.append(f"| {row.label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+        cells = _cells(report, row, _DASH_MD, " ± ", "**{}**", " {}", _md_mark)
+        label = _row_label(row).replace("|", chr(92) + "|")
+        lines.append(f"| {label} | {len(row.seeds)} | " + " | ".join(cells) + " |")
     lines += ["", *_notes(report)]
     return "\n".join(lines) + "\n"
 
@@ -302,22 +471,36 @@ def latex_escape(text: str) -> str:
 def format_latex(report: Report) -> str:
     """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), the same cells as Markdown."""
     notes = " ".join(latex_escape(n) for n in _notes(report))
-    head = "Configuration & " + " & ".join(latex_escape(m) for m in report.metrics) + " \\\\"
-    title = f"% {latex_escape(report.title)}: accuracy (%), mean $\\pm$ std over seeds"
-    tabular = "\\begin{tabular}{l" + "c" * len(report.metrics) + "}"
-    lines = [title, f"% {notes}", tabular, "\\toprule", head, "\\midrule"]
+    metrics = " & ".join(latex_escape(m) for m in report.metrics)
+    head = f"Configuration & $n$ & {metrics} \\\\"
+    caption = latex_escape(_caption(report)).replace("±", "$\\pm$")
+    lines = [f"% {latex_escape(report.title)}: {caption}"]
+    if report.baseline is not None:
+        lines.append(f"% {latex_escape(_marks_caption(report))}")
+    tabular = "\\begin{tabular}{lr" + "c" * len(report.metrics) + "}"
+    lines += [f"% {notes}", tabular, "\\toprule", head, "\\midrule"]
     for row in report.rows:
-        cells = _cells(report, row, _DASH_TEX, " $\\pm$ ", "\\textbf{{{}}}")
-        lines.append(latex_escape(row.label) + " & " + " & ".join(cells) + " \\\\")
+        ci, bold = " {{\\scriptsize {}}}", "\\textbf{{{}}}"
+        cells = _cells(report, row, _DASH_TEX, " $\\pm$ ", bold, ci, _tex_mark)
+        label = f"{latex_escape(_row_label(row))} & {len(row.seeds)}"
+        lines.append(label + " & " + " & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+def _tex_mark(sig: str) -> str:
+    return f"$^{{{sig}}}$"
 
 
 def write_csv(report: Report, path: str | Path) -> Path:
     """Write the table as CSV: fractions (not percent) at full precision, NaN as an empty cell.
 
     Columns: label, config_id, n_seeds, per metric ``<m>_mean``, ``<m>_std``, ``best_<m>``
-    (true/false), then ``param:<name>`` per parameter.
+    (true/false), then ``param:<name>`` per parameter, then ``baseline`` (true for the baseline
+    row) and per metric ``<m>_n`` (finite values), ``<m>_ci_lo``, ``<m>_ci_hi`` (95% interval of
+    the mean), ``<m>_p``, ``<m>_test`` (welch/paired/none) and ``<m>_delta`` (mean minus the
+    baseline's mean) of the test against the baseline row, empty for the baseline itself and
+    when no baseline was named. New columns go at the end, so older ones keep their position.
 
     Args:
         report: the report to write.
@@ -328,6 +511,7 @@ def write_csv(report: Report, path: str | Path) -> Path:
     header = ["label", "config_id", "n_seeds"]
     header += [f"{p}{m}{s}" for m in report.metrics for p, s in _CSV_STATS]
     header += [f"param:{k}" for k in param_keys]
+    header += ["baseline"] + [f"{m}{s}" for m in report.metrics for s in _CSV_TESTS]
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
@@ -337,6 +521,11 @@ def write_csv(report: Report, path: str | Path) -> Path:
                 best = "true" if report.best.get(m) == r.config_id else "false"
                 line += [_num(r.mean[m]), _num(r.std[m]), best]
             line += [r.params.get(k, "") for k in param_keys]
+            line.append("true" if r.baseline else "false")
+            for m in report.metrics:
+                c = r.comparison.get(m)
+                line += [str(r.n[m]), _num(r.ci_lo[m]), _num(r.ci_hi[m])]
+                line += ["", "", ""] if c is None else [_num(c.p), c.test, _num(c.delta)]
             writer.writerow(line)
     return path
 
