@@ -41,13 +41,5 @@ experiment = Experiment(
     seeds=(0, 1, 2),
     max_concurrent_trials=4,
     scheduler=None,
-    smoke=Experiment(
-        name="cbd-smoke",
-        pipeline=smoke_pipeline,
-        param_space={"alpha": tune.grid_search([0.0, 0.4])},
-        search="grid",
-        seeds=(0,),
-        max_concurrent_trials=2,
-        scheduler=None,
-    ),
+    smoke=dict(pipeline=smoke_pipeline, seeds=(0,), max_concurrent_trials=2),
 )

@@ -65,8 +65,7 @@ experiment = Experiment(
     seeds=(0, 1, 2),
     max_concurrent_trials=4,
     scheduler=None,
-    smoke=Experiment(
-        name="cbd_ens-smoke",
+    smoke=dict(
         pipeline=smoke_pipeline,
         param_space={
             "variant": tune.grid_search(
@@ -78,9 +77,7 @@ experiment = Experiment(
                 ]
             )
         },
-        search="grid",
         seeds=(0,),
         max_concurrent_trials=2,
-        scheduler=None,
     ),
 )

@@ -65,13 +65,10 @@ experiment = Experiment(
     seeds=(0, 1, 2),
     max_concurrent_trials=4,
     scheduler=None,
-    smoke=Experiment(
-        name="cbe-smoke",
+    smoke=dict(
         pipeline=smoke_pipeline,
         param_space={"row": tune.grid_search(list(SMOKE_ROWS))},
-        search="grid",
         seeds=(0,),
         max_concurrent_trials=2,
-        scheduler=None,
     ),
 )

@@ -1,5 +1,4 @@
-"""CBE on ImageNet-LT with the official settings (methods/cbe.md section 5), for users with the
-data.
+"""CBE on ImageNet-LT with the official settings (docs/methods/cbe.md), for users with the data.
 
 Generalist: ResNet-10 from scratch, SGD 0.9, lr 0.1, batch 256, wd 5e-4, cosine over 100
 epochs, best val top-1 with patience 15, seed 5021. Experts: many [100, inf) num_learnable -1,
@@ -92,14 +91,9 @@ experiment = Experiment(
     max_concurrent_trials=1,
     scheduler=None,
     resources=GPU_STAGE,
-    smoke=Experiment(
-        name="cbe_imagenet_lt-smoke",
+    smoke=dict(
         pipeline=smoke_pipeline,
         param_space={"calibration": tune.grid_search(["full"])},
-        search="grid",
-        seeds=(SEED,),
-        max_concurrent_trials=1,
-        scheduler=None,
         resources=SMOKE_RESOURCES,
     ),
 )

@@ -1,4 +1,4 @@
-"""CBE on Places-LT with the official settings (methods/cbe.md section 5), for users with the
+"""CBE on Places-LT with the official settings (docs/methods/cbe.md), for users with the
 data and ImageNet-pretrained ResNet-152 weights.
 
 Generalist: ResNet-152 initialised from ImageNet weights the user supplies as a torchvision-
@@ -93,14 +93,9 @@ experiment = Experiment(
     max_concurrent_trials=1,
     scheduler=None,
     resources=GPU_STAGE,
-    smoke=Experiment(
-        name="cbe_places_lt-smoke",
+    smoke=dict(
         pipeline=smoke_pipeline,
         param_space={"calibration": tune.grid_search(["full"])},
-        search="grid",
-        seeds=(SEED,),
-        max_concurrent_trials=1,
-        scheduler=None,
         resources=SMOKE_RESOURCES,
     ),
 )

@@ -70,12 +70,5 @@ experiment = Experiment(
     seeds=(0, 1),
     num_samples=2,
     max_concurrent_trials=2,
-    smoke=Experiment(
-        name="quickstart-smoke",
-        pipeline=smoke_pipeline,
-        param_space=lr_wd(),
-        seeds=(0,),
-        num_samples=2,
-        max_concurrent_trials=2,
-    ),
+    smoke=dict(pipeline=smoke_pipeline, seeds=(0,)),
 )

@@ -1,4 +1,4 @@
-"""SSD-LT on CIFAR-100-LT (IF 100), ResNet-32: the fact sheet's ablations, seeds 0, 1 and 2.
+"""SSD-LT on CIFAR-100-LT (IF 100), ResNet-32: the method's ablations, seeds 0, 1 and 2.
 
 Stage I trains CE on the weak view plus a label-masked MoCo loss on a MoCo-v2 view (tau 0.2,
 m 0.999, 128-d embedding, queue 10,752); stage II learns LWS scales on the frozen stage-I model
@@ -68,14 +68,10 @@ experiment = Experiment(
     max_concurrent_trials=4,
     scheduler=None,
     report_metrics=REPORT_METRICS,
-    smoke=Experiment(
-        name="ssd_lt-smoke",
+    smoke=dict(
         pipeline=smoke_pipeline,
         param_space={"variant": tune.grid_search(SMOKE_VARIANTS)},
-        search="grid",
         seeds=(0,),
         max_concurrent_trials=2,
-        scheduler=None,
-        report_metrics=REPORT_METRICS,
     ),
 )

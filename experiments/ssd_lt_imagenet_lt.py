@@ -81,15 +81,9 @@ experiment = Experiment(
     scheduler=None,
     report_metrics=REPORT_METRICS,
     resources=GPU_STAGE,
-    smoke=Experiment(
-        name="ssd_lt_imagenet_lt-smoke",
+    smoke=dict(
         pipeline=smoke_pipeline,
         param_space={"finetune": tune.grid_search([False])},
-        search="grid",
-        seeds=(0,),
-        max_concurrent_trials=1,
-        scheduler=None,
-        report_metrics=REPORT_METRICS,
         resources=SMOKE_RESOURCES,
     ),
 )

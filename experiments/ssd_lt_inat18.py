@@ -1,7 +1,7 @@
 """SSD-LT on iNaturalist 2018, for users who have the data.
 
-The released code covers ImageNet-LT only (methods/ssd_lt.md); iNat18 settings follow the usual
-convention and are unverified: ResNet-50 from scratch in every stage, the ImageNet-LT stage
+The released code covers ImageNet-LT only (docs/methods/ssd_lt.md); iNat18 settings follow the
+usual convention and are unverified: ResNet-50 from scratch in every stage, the ImageNet-LT stage
 settings (135 epochs, batch 256, lr 0.1, cosine, wd 5e-4, T = 2, CE : KD 1 : 1), the MoCo queue
 the largest multiple of 256 below the 437,513 training images, the weak view
 ``rrc_flip_jitter``. The test split is the official val2018 set; iNat18 has no validation split.
@@ -72,16 +72,9 @@ experiment = Experiment(
     scheduler=None,
     report_metrics=REPORT_METRICS,
     resources=GPU_STAGE,
-    smoke=Experiment(
-        name="ssd_lt_inat18-smoke",
+    smoke=dict(
         pipeline=smoke_pipeline,
         param_space={"finetune": tune.grid_search([False])},
-        search="grid",
-        metric=METRIC,
-        seeds=(0,),
-        max_concurrent_trials=1,
-        scheduler=None,
-        report_metrics=REPORT_METRICS,
         resources=SMOKE_RESOURCES,
     ),
 )

@@ -3,7 +3,7 @@
 The file is imported as a module (like a detectron2 lazy config), never ``exec``'d into our
 globals. It names a pipeline (trial config -> final stage spec), a Tune search space, metric(s)
 and mode(s), the search algorithm, the seeds every configuration runs with, the budget and a
-smaller ``smoke`` variant for CPUs and CI.
+smaller ``smoke`` variant for CPUs and CI, written as the fields that differ from the experiment.
 """
 
 from __future__ import annotations
@@ -46,9 +46,16 @@ class Experiment:
         store: artifact store root (local path or pyarrow.fs URI); --store overrides it.
         tracking_uri: MLflow tracking URI; --tracking-uri overrides it.
         data_root: dataset root; --data-root and $RAY_LT_DATA override it.
-        smoke: a smaller variant for CPUs and CI, run with --smoke.
+        smoke: a smaller variant for CPUs and CI, run with --smoke: a mapping of the fields
+            that differ, e.g. ``dict(pipeline=smoke_pipeline, seeds=(0,))``; every other field
+            is this experiment's. It is named ``<name>-smoke`` unless it sets another ``name``.
+            (The old form, a whole ``Experiment``, is still accepted and used as it is.) The
+            variant is built and checked when the experiment is, so ``exp.smoke`` is always
+            an ``Experiment`` or None.
         report_metrics: the report's columns (test-split metrics of each trial's final stage),
             e.g. add ``soft_overall`` for a second head; ``--metrics`` overrides them.
+        baseline: the report's reference row, by parameter values (e.g. ``{"method": "ce"}``):
+            every other row is t-tested against it; ``--baseline`` overrides it.
     """
 
     name: str
@@ -67,9 +74,9 @@ class Experiment:
     store: str = "ray_lt_store"
     tracking_uri: str | None = None
     data_root: str | None = None
-    smoke: Experiment | None = None
-    description: str = ""
+    smoke: Mapping[str, Any] | Experiment | None = None
     report_metrics: tuple[str, ...] = ("many", "medium", "few", "overall")
+    baseline: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
@@ -90,6 +97,47 @@ class Experiment:
             raise ConfigError(f"max_failures={self.max_failures!r} must be an int >= 0")
         if self.scheduler not in (None, "asha"):
             raise ConfigError(f"unknown scheduler '{self.scheduler}'; known: asha, None")
+        if self.smoke is not None:
+            object.__setattr__(self, "smoke", self._smoke_variant(self.smoke))
+
+    def _smoke_variant(self, smoke: Mapping[str, Any] | Experiment) -> Experiment:
+        """The smoke variant as an ``Experiment``: this one with the overrides, or the old form.
+
+        Its name is ``<name>-smoke`` unless it sets another one (a name equal to this one's gets
+        the suffix too, so a smoke run never shares the full run's MLflow experiment).
+        """
+        if isinstance(smoke, Experiment):
+            if smoke.smoke is not None:
+                raise ConfigError(
+                    f"experiment '{self.name}': its smoke variant has a smoke variant itself; "
+                    "remove it (a smoke variant is run as it is)"
+                )
+            variant = smoke
+        elif isinstance(smoke, Mapping):
+            names = [f.name for f in dataclasses.fields(Experiment) if f.name != "smoke"]
+            for key in smoke:
+                if key == "smoke":
+                    raise ConfigError(
+                        f"experiment '{self.name}': smoke overrides cannot set 'smoke'; "
+                        "a smoke variant has no smoke variant of its own"
+                    )
+                if key not in names:
+                    raise ConfigError(
+                        f"experiment '{self.name}': unknown smoke override {key!r}; "
+                        f"valid fields: {', '.join(names)}"
+                    )
+            try:
+                variant = dataclasses.replace(self, **smoke, smoke=None)
+            except ConfigError as err:
+                raise ConfigError(f"experiment '{self.name}', smoke variant: {err}") from None
+        else:
+            raise ConfigError(
+                f"experiment '{self.name}': smoke must be a dict of the fields that differ, "
+                f"e.g. smoke=dict(seeds=(0,)), got {type(smoke).__name__}"
+            )
+        if variant.name == self.name:
+            variant = dataclasses.replace(variant, name=f"{self.name}-smoke")
+        return variant
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -106,12 +154,11 @@ class Experiment:
             return self
         if self.smoke is None:
             raise ExperimentError(
-                f"experiment '{self.name}' has no smoke variant; add smoke=Experiment(...)"
+                f"experiment '{self.name}' has no smoke variant; add smoke=dict(...) with the "
+                "fields that differ, e.g. smoke=dict(pipeline=smoke_pipeline, seeds=(0,))"
             )
-        sm = self.smoke
-        return dataclasses.replace(
-            sm, name=sm.name if sm.name != self.name else f"{sm.name}-smoke"
-        )
+        assert isinstance(self.smoke, Experiment)  # resolved in __post_init__
+        return self.smoke
 
 
 def project_root(path: str | Path) -> str:

@@ -80,10 +80,6 @@ class TrialMirror:
     def run_id(self) -> str | None:
         return self.record["run_id"]
 
-    @property
-    def offline(self) -> bool:
-        return self.tracker is None
-
     def log_stage(self, artifact: Artifact, *, reused: bool, final: bool) -> None:
         """Mirror one stage's artifact as a nested run (or keep it for later)."""
         self._do({"op": "stage", "key": artifact.key, "reused": reused, "final": final})

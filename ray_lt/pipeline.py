@@ -92,7 +92,7 @@ def _in_trial(spec: StageSpec) -> bool:
     """Cheap CPU stages (an objective with ``in_trial = True``) run in the trial's process."""
     from ray_lt.objective import get_objective
 
-    return bool(getattr(get_objective(spec.kind), "in_trial", False))
+    return get_objective(spec.kind).in_trial
 
 
 def _fault_for(spec: StageSpec) -> tuple[int | None, str]:
@@ -142,28 +142,12 @@ def train_stage(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    fault, fault_action = _fault_for(spec)
-    import ray
-
-    # Upstream weights and tables are read from the store once, here, and reach every worker
-    # through the object store (Arrow tables and tensors without a copy per worker).
-    inputs = upstream(store, {name: up.key for name, up in spec.inputs})
-    config = {
-        "spec": spec.to_dict(),
-        "key": key,
-        "store": store.uri,
-        "data_ref": data_ref(spec, ctx),
-        "inputs_ref": ray.put(inputs),
-        "fail_at_epoch": fault,
-        "fault_marker": _fault_marker(store, key, fault),
-        "fault_action": fault_action,
-    }
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:
         worker_resources["GPU"] = res.gpus_per_worker
     trainer = TorchTrainer(
         stage_worker,
-        train_loop_config=config,
+        train_loop_config=_worker_config(spec, store, ctx),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,
@@ -183,6 +167,27 @@ def train_stage(
     summary = result.return_value or {}
     _raise_if_nonfinite(spec, summary)
     return summary
+
+
+def _worker_config(spec: StageSpec, store: ArtifactStore, ctx: TrialContext) -> dict[str, Any]:
+    """What ``stage_worker`` needs: the spec, the store, object refs of the data and inputs, and
+    the fault to inject (tests)."""
+    import ray
+
+    fault, fault_action = _fault_for(spec)
+    # Upstream weights and tables are read from the store once, here, and reach every worker
+    # through the object store (Arrow tables and tensors without a copy per worker).
+    inputs = upstream(store, {name: up.key for name, up in spec.inputs})
+    return {
+        "spec": spec.to_dict(),
+        "key": spec.key,
+        "store": store.uri,
+        "data_ref": data_ref(spec, ctx),
+        "inputs_ref": ray.put(inputs),
+        "fail_at_epoch": fault,
+        "fault_marker": _fault_marker(store, spec.key, fault),
+        "fault_action": fault_action,
+    }
 
 
 def _raise_if_nonfinite(spec: StageSpec, summary: dict[str, Any]) -> None:

@@ -74,10 +74,11 @@ def check_space(exp: Experiment) -> None:
 
 
 def check_pipeline(exp: Experiment, data_root: str | None) -> list[StageSpec]:
-    """Build one sample trial's DAG and check every name in it; load each dataset once."""
+    """Build one sample trial's DAG and check every name in it; load each dataset once and
+    validate every stage on its per-class training counts (``Objective.validate``)."""
     from ray_lt.data import DATASETS, load_dataset
     from ray_lt.models import BACKBONES, HEADS
-    from ray_lt.objective import get_objective, parse_params
+    from ray_lt.objective import make_objective
 
     config = {**sample_config(dict(exp.param_space)), "seed": exp.seeds[0]}
     final = call_pipeline(exp, config)
@@ -87,18 +88,15 @@ def check_pipeline(exp: Experiment, data_root: str | None) -> list[StageSpec]:
         )
     stages = walk(final)
     for spec in stages:
-        objective = get_objective(spec.kind)
-        params = parse_params(objective, spec)
-        if hasattr(objective, "validate"):
-            objective.validate(params, spec)
+        objective = make_objective(spec)  # unknown kinds and params fail here
         DATASETS.get(spec.data.name)
-        for attr, registry in (("backbone", BACKBONES), ("head", HEADS)):
-            if hasattr(params, attr):
-                registry.get(getattr(params, attr))
-        load_dataset(spec.data, data_root)
+        architecture = objective.architecture()
+        for name, registry in (("backbone", BACKBONES), ("head", HEADS)):
+            if name in architecture:
+                registry.get(architecture[name])
+        data = load_dataset(spec.data, data_root)
+        objective.validate(data.class_counts)  # on the real training counts
     return stages
-
-
 
 
 def call_pipeline(exp: Experiment, config: dict[str, Any]) -> Any:

@@ -10,11 +10,8 @@ per column in bold, and a significance mark against the baseline row (the experi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
-from collections.abc import Mapping
-from typing import Any
 
 from ray_lt.errors import ConfigError, RayLtError
 from ray_lt.experiment import load_experiment
@@ -46,11 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         exp = load_experiment(args.file, smoke=args.smoke)
-        baseline = (
-            parse_baseline(args.baseline)
-            if args.baseline is not None
-            else experiment_baseline(exp)
-        )
+        baseline = parse_baseline(args.baseline) if args.baseline is not None else exp.baseline
         uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
         report = build_report(
             uri,
@@ -83,17 +76,6 @@ def parse_baseline(text: str) -> dict[str, str]:
             f"--baseline {text!r} is not KEY=VALUE[,KEY=VALUE]; pass e.g. --baseline method=ce"
         )
     return {key.strip(): value.strip() for key, _, value in pairs}
-
-
-def experiment_baseline(exp: Any) -> Mapping[str, Any] | None:
-    """The experiment's ``baseline`` field, or None for an ``Experiment`` that has no such field.
-
-    Checked by the dataclass's fields rather than ``getattr`` so that a misspelt attribute is
-    never silently read as "no baseline".
-    """
-    if "baseline" in {f.name for f in dataclasses.fields(exp)}:
-        return exp.baseline
-    return None
 
 
 if __name__ == "__main__":

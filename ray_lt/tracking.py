@@ -46,7 +46,7 @@ def normalize_uri(uri: str) -> str:
 
     ``sqlite:///rel.db`` and ``x.db`` become absolute SQLite URIs (Tune changes the working
     directory of trials); a local folder, plain or ``file://``, holds ``mlflow.db`` (MLflow's file
-    store is refused by default since 3.x, RAY_NOTES.md); ``http(s)://`` and other schemes are
+    store is refused by default since 3.x, docs/ray_notes.md); ``http(s)://`` and other schemes are
     kept as they are.
     """
     if uri.startswith("sqlite:///"):

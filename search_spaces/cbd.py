@@ -1,4 +1,4 @@
-"""CBD search spaces: teacher subsets of a named pool, distillation weights, projection width.
+"""CBD search spaces: teacher subsets of a named pool and the projection width.
 
 A subset is one string, the teacher names joined by "+" ("vanilla1+data_aug2"), so Optuna can
 search it as a plain categorical and MLflow and the report show it as one readable value.
@@ -30,13 +30,6 @@ def teachers(pool: Sequence[str] = TEACHER_POOL, *, grid: bool = False) -> Any:
     """The subset choice: a grid over every subset, or a categorical Optuna can search."""
     subsets = teacher_subsets(pool)
     return tune.grid_search(subsets) if grid else tune.choice(subsets)
-
-
-def distillation(
-    alphas: Sequence[float] = (0.2, 0.4, 0.6), betas: Sequence[float] = (40.0, 100.0)
-) -> dict[str, Any]:
-    """alpha (CE weight 1 - alpha) and beta (cosine-distance multiplier) as categoricals."""
-    return {"alpha": tune.choice(list(alphas)), "beta": tune.choice(list(betas))}
 
 
 def projection(widths: Sequence[int | None] = (None, 128, 256)) -> dict[str, Any]:

@@ -46,16 +46,6 @@ def calibration(choices: Sequence[str] = CALIBRATIONS) -> dict[str, Any]:
     return {"calibration": tune.choice(list(choices))}
 
 
-def space(experts: int = 3) -> dict[str, Any]:
-    """Everything at once, for an Optuna search of val accuracy."""
-    return {
-        **thresholds(),
-        **open_ratio(experts=experts),
-        **num_learnable(experts=experts),
-        **calibration(),
-    }
-
-
 def seeds(n: int = 3, first: int = 0) -> tuple[int, ...]:
     """Seeds for ``Experiment(seeds=...)``: generalist, experts and calibration share the seed."""
     return tuple(range(first, first + n))

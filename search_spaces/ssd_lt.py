@@ -55,13 +55,3 @@ def queue_size(n_train: int = 10_847, batch_size: int = 128, *, grid: bool = Fal
     """Stage I's queue size over ``queue_sizes`` (CIFAR-100-LT IF100 at batch 128 by default)."""
     values = queue_sizes(n_train, batch_size)
     return tune.grid_search(values) if grid else tune.choice(values)
-
-
-def ssd_space() -> dict[str, Any]:
-    """The joint Optuna space of the four knobs, as ``ssd_lt`` keywords."""
-    return {
-        "ssl_weight": ssl_weight(),
-        "kd_weight": kd_weight((0.5, 1.0, 2.0)),
-        "temperature": temperature(),
-        "queue_size": queue_size(),
-    }

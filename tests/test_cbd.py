@@ -104,7 +104,8 @@ def test_fifteen_trials_train_four_teachers(tmp_path):
 
 
 def test_projection_width_reaches_the_student_and_is_checked():
-    from ray_lt.objective import get_objective, parse_params
+    from ray_lt.data import load_dataset
+    from ray_lt.objective import get_objective
 
     assert projection()["proj_dim"].categories == [None, 128, 256]
     wide = cbd("", seed=0, alpha=0.0, proj_dim=256)
@@ -112,5 +113,5 @@ def test_projection_width_reaches_the_student_and_is_checked():
     bad = cbd("vanilla1", seed=0, proj_dim=256)
     objective = get_objective("cbd_student")
     with pytest.raises(ConfigError, match="proj_dim=256 must equal .* width 64"):
-        objective.validate(parse_params(objective, bad), bad)
+        objective(bad).validate(load_dataset(bad.data).class_counts)
     assert seeds(3) == (0, 1, 2)

@@ -22,7 +22,7 @@ from ray_lt.data import load_dataset
 from ray_lt.data.spec import LTDataset, Split
 from ray_lt.engine import LocalSession, StageRun, _set_train_mode, run_stage
 from ray_lt.errors import ConfigError
-from ray_lt.objective import OBJECTIVES, get_objective
+from ray_lt.objective import OBJECTIVES, Objective, get_objective
 from ray_lt.pipeline import TrialContext, run_pipeline
 from ray_lt.spec import StageSpec, TrainSpec
 from tests.conftest import TINY, tiny_ce
@@ -54,14 +54,14 @@ class RowModel(nn.Module):
 
 
 @OBJECTIVES.register("test_rows")
-class RowObjective:
+class RowObjective(Objective):
     """A linear classifier on float rows, with a second scored head and an extra table."""
 
     version = "1"
     Params = RowParams
     in_trial = True
 
-    def prepare_data(self, params, data: LTDataset, inputs) -> LTDataset:
+    def prepare_data(self, data: LTDataset, inputs) -> LTDataset:
         return LTDataset(
             name="rows",
             num_classes=C,
@@ -73,18 +73,19 @@ class RowObjective:
             std=(1.0, 1.0, 1.0),
         )
 
-    def build(self, params, ctx) -> nn.Module:
+    def build(self, ctx) -> nn.Module:
         return RowModel()
 
-    def loss(self, params, model, batch, ctx):
+    def loss(self, model, batch, ctx):
         _, logits = model(batch.x)
         return {"ce": F.cross_entropy(logits, batch.y)}
 
-    def predict(self, params, model, x):
+    def predict(self, model, x):
         f, z = model(x)
-        return f, z, {"logits_flip": params.head_sign * z, "norm": z.norm(dim=1, keepdim=True)}
+        flip = self.params.head_sign * z
+        return f, z, {"logits_flip": flip, "norm": z.norm(dim=1, keepdim=True)}
 
-    def export_tables(self, params, model, ctx):
+    def export_tables(self, model, ctx):
         return {"extra": pa.table({"num_classes": [ctx.num_classes]})}
 
 

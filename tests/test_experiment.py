@@ -3,6 +3,7 @@ before Ray starts, and nothing already stored is touched."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -107,3 +108,80 @@ def test_load_experiment_and_smoke_variant():
 def test_experiment_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         Experiment(name="x", pipeline=lambda c: tiny_ce(), **kwargs)
+
+
+def _pipeline(config):
+    return tiny_ce()
+
+
+def _smoke_pipeline(config):
+    return tiny_ce()
+
+
+def test_smoke_overrides_change_only_the_fields_they_name():
+    exp = Experiment(
+        name="full",
+        pipeline=_pipeline,
+        param_space={"lr": 0.1},
+        search="grid",
+        seeds=(0, 1, 2),
+        max_concurrent_trials=4,
+        scheduler=None,
+        report_metrics=("overall",),
+        smoke={"pipeline": _smoke_pipeline, "seeds": (0,)},
+    )
+    smoke = exp.variant(smoke=True)
+    assert smoke.pipeline is _smoke_pipeline and smoke.seeds == (0,)
+    assert smoke.name == "full-smoke" and smoke.smoke is None
+    for f in dataclasses.fields(Experiment):
+        if f.name not in ("name", "pipeline", "seeds", "smoke"):
+            assert getattr(smoke, f.name) == getattr(exp, f.name), f.name
+    assert exp.variant(smoke=False) is exp
+    assert load_experiment(ROOT / "experiments" / "quickstart.py").smoke.seeds == (0,)
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [({}, "full-smoke"), ({"name": "tiny"}, "tiny"), ({"name": "full"}, "full-smoke")],
+)
+def test_smoke_name_rule(overrides, name):
+    exp = Experiment(name="full", pipeline=_pipeline, smoke=overrides)
+    assert exp.variant(smoke=True).name == name
+
+
+@pytest.mark.parametrize(
+    "smoke, match",
+    [
+        ({"seeds": (0,), "num_sample": 2}, "unknown smoke override 'num_sample'; valid fields: "),
+        ({"smoke": {"seeds": (0,)}}, "smoke overrides cannot set 'smoke'"),
+        ({"search": "bayes"}, "smoke variant: unknown search 'bayes'"),
+        (["seeds"], "smoke must be a dict of the fields that differ"),
+    ],
+)
+def test_bad_smoke_overrides_are_one_config_error_line(smoke, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        Experiment(name="full", pipeline=_pipeline, smoke=smoke)
+    assert "\n" not in str(info.value)
+    if "num_sample" in match:
+        assert "num_samples" in str(info.value) and "report_metrics" in str(info.value)
+        assert "'smoke'" not in str(info.value).split("valid fields:")[1]
+
+
+def test_smoke_as_a_whole_experiment_still_works():
+    old = Experiment(name="full-smoke", pipeline=_smoke_pipeline, seeds=(0,))
+    exp = Experiment(name="full", pipeline=_pipeline, seeds=(0, 1), search="grid", smoke=old)
+    assert exp.variant(smoke=True) == old  # used as it is: no field of the parent leaks in
+    assert exp.variant(smoke=True).search == "optuna"
+    same = Experiment(name="full", pipeline=_smoke_pipeline)
+    assert Experiment(name="full", pipeline=_pipeline, smoke=same).smoke.name == "full-smoke"
+    nested = Experiment(name="s", pipeline=_smoke_pipeline, smoke={})
+    with pytest.raises(ConfigError, match="has a smoke variant itself"):
+        Experiment(name="full", pipeline=_pipeline, smoke=nested)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.py")), ids=lambda p: p.name)
+def test_every_experiment_file_loads_with_and_without_smoke(path):
+    exp = load_experiment(path)
+    smoke = load_experiment(path, smoke=True)
+    assert smoke.name == f"{exp.name}-smoke" and smoke.smoke is None
+    assert smoke.pipeline.__name__ == "smoke_pipeline"

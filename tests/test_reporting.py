@@ -540,30 +540,21 @@ def test_cli_baseline(sig, tmp_path, capsys):
     assert "(baseline)" not in capsys.readouterr().out
 
 
-def test_cli_reads_the_experiment_baseline(sig, tmp_path, monkeypatch, capsys):
-    import dataclasses
-
+def test_cli_reads_the_experiment_baseline(sig, tmp_path, capsys):
     import ray_lt.report as cli
-    from ray_lt.experiment import load_experiment
 
-    @dataclasses.dataclass
-    class WithBaseline:  # an Experiment that has the ``baseline`` field
-        name: str = "sig"
-        tracking_uri: str | None = sig["uri"]
-        report_metrics: tuple[str, ...] = SIG_METRICS
-        baseline: dict | None = dataclasses.field(default_factory=lambda: {"method": "paired"})
-
-    @dataclasses.dataclass
-    class WithoutBaseline:
-        name: str = "sig"
-
-    assert cli.experiment_baseline(WithoutBaseline()) is None
-    assert cli.experiment_baseline(WithBaseline()) == {"method": "paired"}
-    real = load_experiment(_sig_file(tmp_path))  # with or without the field: no baseline
-    assert cli.experiment_baseline(real) is None
-    monkeypatch.setattr(cli, "load_experiment", lambda file, smoke=False: WithBaseline())
-    assert cli.main(["sig.py", "--out", str(tmp_path / "a")]) == 0
+    file = tmp_path / "sig_base.py"
+    file.write_text(
+        "from ray_lt.experiment import Experiment\n\n"
+        "experiment = Experiment(\n"
+        "    name='sig', pipeline=lambda config: None, report_metrics=('few', 'overall'),\n"
+        "    baseline={'method': 'paired'},\n"
+        ")\n",
+        encoding="utf-8",
+    )
+    args = [str(file), "--tracking-uri", sig["uri"]]
+    assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
     assert "| method=paired (baseline) | 3 |" in capsys.readouterr().out
-    assert cli.main(["sig.py", "--out", str(tmp_path / "b"), "--baseline", "method=ce"]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "b"), "--baseline", "method=ce"]) == 0
     assert "| method=ce (baseline) | 3 |" in capsys.readouterr().out  # the option overrides
     assert cli.parse_baseline("a=1, b/c=[1, 2]") == {"a": "1", "b/c": "[1, 2]"}

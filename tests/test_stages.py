@@ -80,8 +80,7 @@ def test_exemptions_name_registered_stages():
 def test_one_step_contract(kind):
     spec = _spec_for(kind)
     data = load_dataset(TINY)
-    objective = get_objective(kind)
-    params = parse_params(objective, spec)
+    objective = get_objective(kind)(spec)
     ctx = StageContext(
         spec=spec,
         data=data,
@@ -89,14 +88,14 @@ def test_one_step_contract(kind):
         inputs=_upstream(data),
         class_counts=torch.as_tensor(data.class_counts),
     )
-    model = objective.build(params, ctx)
+    model = objective.build(ctx)
     model.train()
     gen = torch.Generator().manual_seed(0)
     raw = torch.from_numpy(data.train.images[:8].copy())
     x = augment_batch("crop_flip", raw, gen, data.mean, data.std)
     y = torch.from_numpy(data.train.labels[:8].copy())
     batch = Batch(x=x, y=y, index=torch.arange(8), raw=raw, generator=gen)
-    terms = objective.loss(params, model, batch, ctx)
+    terms = objective.loss(model, batch, ctx)
     assert terms and all(isinstance(k, str) for k in terms)
     loss = sum(terms.values())
     assert math.isfinite(loss.item())
@@ -129,7 +128,11 @@ def test_key_changes_with_what_changes_the_result():
 
 def test_lt_model_rebuilds_stored_weights_with_clear_errors():
     from ray_lt.errors import ConfigError
-    from ray_lt.stages.baseline import lt_model
+    from ray_lt.stages.upstream import rebuild
+
+    def lt_model(doc, num_classes, weights):  # an artifact of a stage with doc's kind and params
+        artifact = UpstreamArtifact("k", {"spec": {**tiny_ce().to_dict(), **doc}}, weights)
+        return rebuild(artifact, num_classes)
 
     spec = {"kind": "ce", "params": {"backbone": "resnet10"}}
     weights = create_model("resnet10", 4).state_dict()

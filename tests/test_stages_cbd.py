@@ -159,10 +159,10 @@ def _ctx(spec: StageSpec, data, inputs: dict[str, UpstreamArtifact]) -> StageCon
 
 
 def _build(spec: StageSpec, data, inputs: dict[str, UpstreamArtifact]):
-    objective = get_objective(spec.kind)
+    objective = get_objective(spec.kind)(spec)
     params = parse_params(objective, spec)
     ctx = _ctx(spec, data, inputs)
-    return objective, params, ctx, objective.build(params, ctx)
+    return objective, params, ctx, objective.build(ctx)
 
 
 def _batch(data, n: int = 16, seed: int = 0) -> Batch:
@@ -179,13 +179,13 @@ def test_teacher_has_a_fixed_cosine_head_and_data_aug_reaugments(data):
     assert not any(p is model.head.scale for p in model.parameters())  # fixed, not learnt
     batch = _batch(data)
     state = batch.generator.get_state()
-    terms = objective.loss(params, model, batch, ctx)
+    terms = objective.loss(model, batch, ctx)
     assert set(terms) == {"ce"}
     replay = _gen().set_state(state)
     expected_x = augment_batch("crop_flip_simclr", batch.raw, replay, data.mean, data.std)
     model.eval()  # same BN statistics for both forwards
     with torch.no_grad():
-        again = objective.loss(params, model, _replay(batch, state), ctx)["ce"]
+        again = objective.loss(model, _replay(batch, state), ctx)["ce"]
         direct = F.cross_entropy(model(expected_x)[1], batch.y)
         vanilla = F.cross_entropy(model(batch.x)[1], batch.y)
     assert torch.allclose(again, direct, atol=1e-5) and not torch.allclose(direct, vanilla)
@@ -207,7 +207,7 @@ def test_student_loss_terms_are_the_cbd_formula(data):
     assert not any(k.startswith("teacher") for k in model.state_dict())
     batch = _batch(data)
     model.eval()
-    terms = objective.loss(params, model, batch, ctx)
+    terms = objective.loss(model, batch, ctx)
     assert set(terms) == {"ce", "distill"}
     feats, logits = model(batch.x)
     target = teacher_target(teachers.values(), batch.x)
@@ -315,11 +315,11 @@ def test_student_run_leaves_teachers_frozen(trained, data, tmp_path):
     spec, store_uri, outcomes = trained
 
     class Observed(CBDStudent):
-        def build(self, params, ctx):
-            self.ctx = ctx
-            return super().build(params, ctx)
+        def build(self, ctx):
+            type(self).ctx = ctx
+            return super().build(ctx)
 
-    objective = Observed()
+    objective = Observed
     one_epoch = _student(spec.input_dict, 1)
     store = ArtifactStore(store_uri)
     inputs = upstream(store, {n: s.key for n, s in spec.inputs})

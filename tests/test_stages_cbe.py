@@ -14,7 +14,7 @@ import torch
 from ray_lt.data.spec import load_dataset
 from ray_lt.errors import ConfigError
 from ray_lt.models import create_model
-from ray_lt.objective import get_objective, parse_params
+from ray_lt.objective import get_objective
 from ray_lt.pipeline import TrialContext, run_pipeline, upstream
 from ray_lt.recipes import baseline
 from ray_lt.recipes.cbe import cbe, splits_from_thresholds
@@ -287,9 +287,8 @@ def test_reuse_one_expert_changed(store):
 
 def _validate(spec: StageSpec) -> None:
     for stage in walk(spec):
-        obj = get_objective(stage.kind)
-        if hasattr(obj, "validate"):
-            obj.validate(parse_params(obj, stage), stage)
+        obj = get_objective(stage.kind)(stage)
+        obj.validate(load_dataset(stage.data).class_counts)
 
 
 def test_bad_inputs(store):
@@ -316,9 +315,9 @@ def test_bad_inputs(store):
                    {"logits": logits.key})  # fmt: skip
     test = ups["logits"].tables["test"]
     ups["logits"].tables["test"] = test.take(np.r_[1, 0, 2 : test.num_rows])
-    obj = get_objective("cbe_calibrate")
     spec = runs["full"][-1].spec
+    obj = get_objective("cbe_calibrate")(spec)
     with pytest.raises(ConfigError, match=r"tables/test.parquet .* different samples .* row 0"):
-        obj.prepare_data(parse_params(obj, spec), load_dataset(TINY), ups)
+        obj.prepare_data(load_dataset(TINY), ups)
     keys_before = sorted(__import__("os").listdir(root))
     assert keys_before  # nothing was removed from the store by the failures

@@ -20,7 +20,7 @@ from ray_lt.objective import Batch, StageContext, UpstreamArtifact, get_objectiv
 from ray_lt.pipeline import TrialContext, run_pipeline
 from ray_lt.recipes.ssd_lt import ssd_lt
 from ray_lt.spec import StageSpec, TrainSpec
-from ray_lt.stages.ssd_lt import SSDFeatureModel, contrastive_loss, kd_loss, train_size
+from ray_lt.stages.ssd_lt import SSDFeatureModel, contrastive_loss, kd_loss
 from tests.conftest import TINY
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -182,13 +182,13 @@ def test_queue_enqueue_wraps_and_keeps_labels():
 def test_loss_terms_update_momentum_and_enqueue():
     spec = _feature_spec(ssl_weight=0.5)
     ctx = _ctx(spec)
-    objective = get_objective("ssd_feature")
+    objective = get_objective("ssd_feature")(spec)
     params = parse_params(objective, spec)
-    model = objective.build(params, ctx)
+    model = objective.build(ctx)
     model.train()
     key0 = next(model.key_backbone.parameters()).clone()
     batch = _batch(ctx.data)
-    terms = objective.loss(params, model, batch, ctx)
+    terms = objective.loss(model, batch, ctx)
     assert set(terms) == {"ce", "ssl"}
     assert int(model.queue_ptr) == 8 and torch.equal(model.queue_labels[:8], batch.y)
     sum(terms.values()).backward()
@@ -198,7 +198,7 @@ def test_loss_terms_update_momentum_and_enqueue():
     # yet); after an optimiser-like change the next call moves the key encoder by (1 - m)
     with torch.no_grad():
         next(model.backbone.parameters()).add_(1.0)
-    objective.loss(params, model, _batch(ctx.data, seed=1), ctx)
+    objective.loss(model, _batch(ctx.data, seed=1), ctx)
     moved = next(model.key_backbone.parameters()) - key0
     assert torch.allclose(moved, torch.full_like(moved, 1.0 - params.momentum), atol=1e-6)
 
@@ -206,10 +206,9 @@ def test_loss_terms_update_momentum_and_enqueue():
 def test_lambda_zero_has_no_ssl_term_and_no_queue():
     spec = _feature_spec(ssl_weight=0.0)
     ctx = _ctx(spec)
-    objective = get_objective("ssd_feature")
-    params = parse_params(objective, spec)
-    model = objective.build(params, ctx)
-    assert set(objective.loss(params, model, _batch(ctx.data), ctx)) == {"ce"}
+    objective = get_objective("ssd_feature")(spec)
+    model = objective.build(ctx)
+    assert set(objective.loss(model, _batch(ctx.data), ctx)) == {"ce"}
     assert not any(k.startswith(("queue", "key_", "projection")) for k in model.state_dict())
 
 
@@ -219,24 +218,22 @@ def test_lambda_zero_has_no_ssl_term_and_no_queue():
 )
 def test_bad_queue_is_rejected_on_the_driver_and_at_build(queue, match):
     spec = _feature_spec(queue_size=queue)
-    objective = get_objective("ssd_feature")
-    params = parse_params(objective, spec)
+    objective = get_objective("ssd_feature")(spec)
     with pytest.raises(ConfigError, match=match):
-        objective.validate(params, spec)
+        objective.validate(load_dataset(spec.data).class_counts)
     with pytest.raises(ConfigError, match=match):
-        objective.build(params, _ctx(spec))
+        objective.build(_ctx(spec))
 
 
 def test_default_queue_is_the_largest_whole_batch_count():
     spec = _feature_spec(queue_size=None)
-    objective = get_objective("ssd_feature")
-    params = parse_params(objective, spec)
-    objective.validate(params, spec)
-    assert train_size(TINY) == N_TRAIN
-    assert len(objective.build(params, _ctx(spec)).queue) == 96
+    objective = get_objective("ssd_feature")(spec)
+    objective.validate(load_dataset(spec.data).class_counts)
+    assert int(load_dataset(TINY).class_counts.sum()) == N_TRAIN
+    assert len(objective.build(_ctx(spec)).queue) == 96
     from ray_lt.recipes import CIFAR100_LT_100
 
-    assert train_size(CIFAR100_LT_100) == 10_847
+    assert int(load_dataset(CIFAR100_LT_100).class_counts.sum()) == 10_847
 
 
 # --- stage III: KD, heads, teacher ------------------------------------------------------------
@@ -266,10 +263,10 @@ def test_distill_validation_names_the_fix():
         inputs={"features": _feature_spec()},
     )
     with pytest.raises(ConfigError, match="one input named 'teacher'"):
-        objective.validate(parse_params(objective, bad), bad)
+        objective(bad).validate(load_dataset(TINY).class_counts)
     none = StageSpec(kind="ssd_distill", data=TINY, train=TRAIN, params={"backbone": "resnet8"})
     with pytest.raises(ConfigError, match="set kd_weight=0"):
-        objective.validate(parse_params(objective, none), none)
+        objective(none).validate(load_dataset(TINY).class_counts)
     odd = StageSpec(kind="ssd_distill", data=TINY, train=TRAIN, params={"teacher_bn": "x"})
     with pytest.raises(ConfigError, match="teacher_bn 'x' is unknown"):
         parse_params(objective, odd)
@@ -339,17 +336,16 @@ def test_distill_run_leaves_the_teacher_unchanged(finetuned, tmp_path):
     spec = finetuned[2].spec
     before = {k: v.clone() for k, v in lws_art.state_dict().items()}
     up = UpstreamArtifact(key=lws_art.key, spec=lws_art.spec(), state_dict=lws_art.state_dict())
-    objective = get_objective("ssd_distill")
-    run = StageRun(spec, objective, load_dataset(TINY), {"teacher": up}, str(tmp_path / "o"))
     seen = {}
-    original_build = objective.build
 
-    def build(params, ctx):  # keep a handle on the teacher the stage builds into ctx.aux
-        model = original_build(params, ctx)
-        seen["teacher"] = ctx.aux["teacher"]
-        return model
+    class Observed(get_objective("ssd_distill")):
+        def build(self, ctx):  # keep a handle on the teacher the stage builds into ctx.aux
+            model = super().build(ctx)
+            seen["teacher"] = ctx.aux["teacher"]
+            return model
 
-    objective.build = build  # this instance only: get_objective returns a fresh one per call
+    objective = Observed  # a subclass: the registered class stays as it is
+    run = StageRun(spec, objective, load_dataset(TINY), {"teacher": up}, str(tmp_path / "o"))
     run_stage(run, LocalSession("cpu"))
     teacher = seen["teacher"]
     assert not teacher.training

@@ -1,6 +1,6 @@
 """Batch augmentations that run where the data lives: uint8 images in, normalised floats out.
 
-Small long-tailed datasets sit on the accelerator as one uint8 tensor (DESIGN.md "Data"), so
+Small long-tailed datasets sit on the accelerator as one uint8 tensor (docs/data.md), so
 cropping, flipping and normalising happen there, for a whole batch at once, with an explicit
 ``torch.Generator``: no per-sample Python loop, no CPU round trip, no global random state.
 Augmentations are registered by name so a stage (or a CBD data-aug teacher) can name its own.
@@ -88,7 +88,7 @@ def _crop_flip_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-# --- SimCLR-v2 colour distortion (CBD's "data_aug" teachers, methods/cbd.md) -------------------
+# --- SimCLR-v2 colour distortion (CBD's "data_aug" teachers, docs/methods/cbd.md) --------------
 #
 # SimCLR v2's ``color_jitter_rand`` at strength s: brightness x U[1-0.8s, 1+0.8s] (multiplicative,
 # the "simclrv2" variant), contrast and saturation factors U[1-0.8s, 1+0.8s], hue shift
@@ -194,7 +194,8 @@ def crop_flip_simclr(
 ) -> torch.Tensor:
     """``crop_flip``, then SimCLR-v2 colour distortion (strength 1, p 0.8, grey p 0.2), normalise.
 
-    CBD's data_aug teachers (methods/cbd.md): jitter order random per image, clip after each op.
+    For CBD's data_aug teachers (docs/methods/cbd.md): jitter order random per image, clip after
+    each op.
     """
     images = _crop_flip_images(x, generator).float() / 255.0
     out = colour_distort(images, generator)
@@ -203,7 +204,7 @@ def crop_flip_simclr(
     return (out - m) / s
 
 
-# --- MoCo v2 key view (SSD-LT stage I, methods/ssd_lt.md) ----------------------------------------
+# --- MoCo v2 key view (SSD-LT stage I, docs/methods/ssd_lt.md) -----------------------------------
 #
 # torchvision's MoCo-v2 pipeline, batched: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, output =
 # input size), ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, greyscale p 0.2, horizontal flip.

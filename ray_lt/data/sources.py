@@ -5,8 +5,8 @@ evaluation batches in row order; it gets ``(rows, raw)`` pairs, ``rows`` the int
 the device, ``raw`` the uint8 images (or float rows) on the device. So the loop, the samplers and
 the objectives are the same whichever source feeds them:
 
-- ``DeviceSource``: a small dataset lives on the device as one tensor (DESIGN.md "Data"); a batch
-  is one gather, with no host round trip.
+- ``DeviceSource``: a small dataset lives on the device as one tensor (docs/data.md); a batch is
+  one gather, with no host round trip.
 - ``StreamSource``: a split too large for the device is a list of JPEG paths. Each epoch, the
   sampler's order (drawn exactly as for a device split, so class-balanced and square-root sampling
   hold unchanged) becomes a Ray Data dataset whose ``map_batches`` tasks decode and crop on CPU

@@ -3,8 +3,8 @@
 Every stage names its data with a frozen, JSON-serialisable ``DataSpec`` so that the spec can enter
 the stage-key hash; ``load_dataset`` is the only loader and looks the spec's name up in
 ``DATASETS``. Loaded datasets are plain uint8 NumPy arrays (small long-tailed datasets live on the
-accelerator as one tensor, DESIGN.md "Data"); this module must not know about any one dataset's
-file format.
+accelerator as one tensor, docs/data.md); this module must not know about any one dataset's file
+format.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 These are the numbers every table depends on, so they live in one place, as pure functions of
 labels and seeds, shared by every dataset: the exponential profile and the selection follow
-METHODS.md "CIFAR-LT" (LDAM-DRW's ``IMBALANCECIFAR``) to the index, and the shot groups come from
+LDAM-DRW's ``IMBALANCECIFAR`` to the index (docs/data.md), and the shot groups come from
 ``ray_lt.metrics`` so that data and evaluation can never disagree. No global random state.
 """
 

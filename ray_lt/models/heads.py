@@ -1,10 +1,10 @@
 """Classifier heads: pooled features ``[B, D]`` -> logits ``[B, C]``.
 
 Why it exists: the methods differ mostly in their classifier. CE and cRT use a linear layer, CBD
-a cosine classifier with a fixed scale (methods/cbd.md), SSD-LT's stage II learnable weight
-scaling on a frozen linear layer (LWS, Kang et al., methods/ssd_lt.md). Heads are separate from
-backbones so a stage can swap one head for another and keep the features. Heads hold no loss and
-no training logic; ``factory.py`` registers them by name.
+a cosine classifier with a fixed scale (docs/methods/cbd.md), SSD-LT's stage II learnable weight
+scaling on a frozen linear layer (LWS, Kang et al., docs/methods/ssd_lt.md). Heads are separate
+from backbones so a stage can swap one head for another and keep the features. Heads hold no loss
+and no training logic; ``factory.py`` registers them by name.
 """
 
 from __future__ import annotations

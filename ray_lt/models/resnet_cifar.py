@@ -1,6 +1,6 @@
 """The CIFAR ResNet-32 of the long-tail literature (LDAM-DRW's ``resnet32``) as a backbone.
 
-Why it exists: every CIFAR-LT number ray-lt compares against (METHODS.md) was trained on this
+Why it exists: every CIFAR-LT number ray-lt compares against (docs/methods/) was trained on this
 network, and torchvision has no CIFAR ResNet. Its layout, parameter-free "option A" shortcut and
 Kaiming-normal initialisation follow LDAM-DRW's ``models/resnet_cifar.py``; module names
 (``conv1``, ``bn1``, ``layer1..3``) match it too, so its checkpoints map onto this one minus the

@@ -1,6 +1,6 @@
 """torchvision ResNets (and ResNet-10) as feature backbones, optionally from local weights.
 
-Why it exists: the ImageNet-LT / iNat / Places recipes of the seed methods (methods/*.md) use
+Why it exists: the ImageNet-LT / iNat / Places recipes of the seed methods (docs/methods/) use
 torchvision-layout ResNets: ResNet-10 for CBE, ResNet-50/101/152 for CBD, ResNeXt-50 32x4d for
 SSD-LT. Each builder returns the torchvision model with ``fc`` replaced by ``nn.Identity`` so it
 yields pooled features, and a ``feature_dim`` attribute. Keeping the torchvision module names means

@@ -1,4 +1,4 @@
-"""The CIFAR recipes of METHODS.md as values, and the baseline pipeline built from them.
+"""The published CIFAR recipes as values, and the baseline pipeline built from them.
 
 Experiment files, benchmarks and later methods (CBD's teachers, CBE's generalist) share these,
 so "the CE recipe" means one thing everywhere. Nothing here imports Ray.
@@ -64,9 +64,9 @@ def baseline(
     )
 
 
-# CBD (methods/cbd.md; CIFAR recipe of METHODS.md): teachers follow the CE recipe with a cosine
-# head (fixed scale 16 for 64-d features); the student trains from scratch with class-balanced
-# sampling and distils the concatenated, renormalised teacher features.
+# CBD's CIFAR recipe: teachers follow the CE recipe with a cosine head (fixed scale 16 for 64-d
+# features); the student trains from scratch with class-balanced sampling and distils the
+# concatenated, renormalised teacher features.
 CIFAR_CBD_TEACHER = CIFAR_CE
 CIFAR_CBD_STUDENT = CIFAR_CE.replace(sampler="class_balanced")
 TEACHER_POOL = ("vanilla1", "vanilla2", "data_aug1", "data_aug2")

@@ -1,4 +1,4 @@
-"""CBE's CIFAR recipe (ours; methods/cbe.md gives ImageNet-LT / Places-LT settings only) and the
+"""CBE's CIFAR recipe (ours: the paper gives ImageNet-LT / Places-LT settings only) and the
 pipeline builder: generalist -> experts -> logits -> calibration.
 
 - Generalist: the ``ce`` stage of ``ray_lt.recipes.baseline`` (same key as every CE baseline).

@@ -1,9 +1,9 @@
 """Settings shared by the ImageNet-LT, Places-LT and iNaturalist 2018 experiment files.
 
-The full recipes (methods/*.md) train at 224 px on a GPU cluster with the data streamed through
-Ray Data. Their smoke variants run the same pipelines, with the same backbones, on a tiny JPEG
-tree in the dataset's own format (``tests/image_trees.py`` makes one) at 32 px, one epoch per
-stage, inline on a CPU: what a test or a user's first check needs, in seconds per stage.
+The full recipes (the papers' settings) train at 224 px on a GPU cluster with the data streamed
+through Ray Data. Their smoke variants run the same pipelines, with the same backbones, on a tiny
+JPEG tree in the dataset's own format (``tests/image_trees.py`` makes one) at 32 px, one epoch
+per stage, inline on a CPU: what a test or a user's first check needs, in seconds per stage.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def smoke_data(name: str, placement: str = "auto") -> DataSpec:
 
 
 def cbd_ens(config: dict[str, Any], *, data: DataSpec, train: TrainSpec) -> StageSpec:
-    """CBD_ENS at ImageNet scale (methods/cbd.md): ResNet-50 teachers and student, cosine heads
+    """CBD_ENS at ImageNet scale (the paper's): ResNet-50 teachers and student, cosine heads
     with a fixed scale of 20, alpha 0.4, beta 100; the student samples class-balanced."""
     return cbd(
         config["teachers"],
@@ -73,7 +73,7 @@ def ssd_lt_large(
     lws_train: TrainSpec | None = None,
     queue_size: int = 0,
 ) -> StageSpec:
-    """SSD-LT at ImageNet scale (methods/ssd_lt.md): MLP 2048, T = 2, MoCo-v2 key view with blur.
+    """SSD-LT at ImageNet scale (the paper's): MLP 2048, T = 2, MoCo-v2 key view with blur.
 
     With ``train`` None it is the smoke variant: ``SMOKE_TRAIN`` with the weak view
     ``rrc_flip_jitter``, a 32-entry queue and the blur-free key view (32 px).

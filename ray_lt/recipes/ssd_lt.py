@@ -1,13 +1,13 @@
-"""The SSD-LT CIFAR recipe (METHODS.md) as values, and the pipeline that builds its stages.
+"""The SSD-LT CIFAR recipe as values, and the pipeline that builds its stages.
 
 Stages: I ``ssd_feature`` (CE + label-masked MoCo) -> II ``lws`` (the balanced teacher) -> III
 ``ssd_distill`` (fresh network, hard head CE + soft head KD) -> optional ``lws`` fine-tune of the
 stage-III hard head, its own stage so changing only its settings reuses stages I to III.
 
-Schedule: METHODS.md fixes 200 epochs for stage III (and, by the CE recipe it builds on, for stage
+Schedule: the paper fixes 200 epochs for stage III (and, by the CE recipe it builds on, for stage
 I) but not the schedule; SSD-LT's code uses cosine per epoch with no warm-up and weight decay
 5e-4 on every stage, so stages I and III use the CE recipe's batch 128 and lr 0.1 with SSD's
-cosine schedule and wd 5e-4 (no warm-up). Stage II and the fine-tune: METHODS.md's LWS recipe (10
+cosine schedule and wd 5e-4 (no warm-up). Stage II and the fine-tune: the LWS recipe (10
 epochs, lr 0.1, cosine, wd 5e-4) with class-aware sampling, 2 images per class visit. Stage I's
 MLP is 64 -> 64 -> 128 on ResNet-32 (hidden width = feature width) and its queue 10,752 keys =
 84 batches of 128, the largest that fits CIFAR-100-LT IF100's 10,847 images. Nothing here

@@ -12,25 +12,21 @@ keeps the frozen encoder's BatchNorm in eval mode; ``"batch"`` is SSD-LT's code,
 ``model.train()`` on the whole model, so the frozen encoder normalises with batch statistics and
 re-estimates its running statistics on the class-balanced batches (and saves them).
 
-Upstream models are rebuilt by ``lt_model`` from the upstream's spec doc: an objective with an
-``lt_model(spec, num_classes, state_dict)`` member (SSD-LT's stages) gives its own plain
-``LTModel`` view; ``crt`` / ``lws`` rebuild their own upstream's architecture and swap the head;
-any other kind is ``create_model`` from its ``backbone`` / ``head`` params.
+Both rebuild their ``features`` input with its own kind's ``rebuild`` and swap the head; a stage
+downstream of them rebuilds the upstream's architecture with their head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ray_lt.errors import ConfigError
-from ray_lt.models import HEADS, LTModel, LWSHead, create_model, freeze
-from ray_lt.objective import OBJECTIVES, Batch, StageContext, get_objective
+from ray_lt.models import HEADS, LWSHead, create_model, freeze
+from ray_lt.objective import OBJECTIVES, Batch, Objective, StageContext, make_objective
+from ray_lt.stages.upstream import ce_terms, load_weights, need_input, rebuild_input
 
 
 @dataclass(frozen=True)
@@ -41,92 +37,32 @@ class CEParams:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def cross_entropy(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    """Plain softmax cross-entropy on the model's logits."""
-    _, logits = model(batch.x)
-    return {"ce": F.cross_entropy(logits.float(), batch.y)}
-
-
 @OBJECTIVES.register("ce")
-class CrossEntropy:
+class CrossEntropy(Objective):
     """Supervised training of backbone and head from scratch."""
 
     version = "1"
     Params = CEParams
 
-    def build(self, params: CEParams, ctx: StageContext) -> nn.Module:
+    def build(self, ctx: StageContext) -> nn.Module:
+        p = self.params
         return create_model(
-            params.backbone,
+            p.backbone,
             ctx.num_classes,
-            head=params.head,
-            backbone_kwargs=params.backbone_kwargs,
-            head_kwargs=params.head_kwargs,
+            head=p.head,
+            backbone_kwargs=p.backbone_kwargs,
+            head_kwargs=p.head_kwargs,
         )
 
-    def loss(self, params: CEParams, model: nn.Module, batch: Batch, ctx: StageContext):
-        return cross_entropy(model, batch)
+    def loss(self, model: nn.Module, batch: Batch, ctx: StageContext):
+        return ce_terms(model, batch)
 
 
-def lt_model(
-    spec: Mapping[str, Any],
-    num_classes: int,
-    state_dict: Mapping[str, torch.Tensor] | None = None,
-) -> LTModel:
-    """The plain ``LTModel`` (backbone + one head) of a stage, with its weights if given.
-
-    Args:
-        spec: the stage's ``StageSpec.to_dict()`` form (``spec.json``'s ``"spec"``), inputs
-            nested, so ``crt`` / ``lws`` can rebuild the architecture below them.
-        num_classes: C.
-        state_dict: the stage's stored weights, or None for an untrained skeleton.
-    """
-    kind = spec.get("kind", "ce")
-    own = getattr(get_objective(kind), "lt_model", None)
-    if own is not None:
-        return own(spec, num_classes, state_dict)
-    p = spec.get("params", {}) or {}
-    backbone_kwargs = dict(p.get("backbone_kwargs") or {})
-    if state_dict is not None:  # the stored weights replace a pretrained start: never re-read it
-        backbone_kwargs.pop("weights_path", None)
-    backbone = p.get("backbone", "resnet32")
-    model = create_model(
-        backbone,
-        num_classes,
-        head=p.get("head", "linear"),
-        backbone_kwargs=backbone_kwargs,
-        head_kwargs=p.get("head_kwargs") or {},
-    )
-    if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(
-                f"the stored weights of a '{kind}' stage do not fit backbone '{backbone}' with "
-                f"{num_classes} outputs ({first}); check that stage's params"
-            ) from exc
-    return model
-
-
-def _features_input(spec: Mapping[str, Any]) -> Mapping[str, Any]:
-    features = (spec.get("inputs") or {}).get("features")
-    if features is None:
-        raise ConfigError(
-            f"cannot rebuild a '{spec.get('kind')}' stage: its spec has no 'features' input; "
-            "was it written by an older ray-lt? re-run it"
-        )
-    return features
-
-
-def upstream_model(ctx: StageContext, input_name: str = "features") -> nn.Module:
-    """Rebuild an upstream stage's model from its spec and load its stored weights."""
-    if input_name not in ctx.inputs:
-        raise ConfigError(
-            f"stage '{ctx.spec.kind}' needs an input named '{input_name}' (a trained 'ce' stage);"
-            f" got {sorted(ctx.inputs)}"
-        )
-    upstream = ctx.inputs[input_name]
-    return lt_model(upstream.spec["spec"], ctx.num_classes, upstream.state_dict)
+def _upstream_architecture(objective: Objective, num_classes: int) -> nn.Module:
+    """The untrained model of a cRT / LWS stage's ``features`` input (its head replaced next),
+    drawing from the caller's RNG like the rest of the rebuild."""
+    features = need_input(objective.spec, "features", "a trained 'ce' stage")
+    return make_objective(features).rebuild(None, num_classes)
 
 
 @dataclass(frozen=True)
@@ -136,33 +72,29 @@ class CRTParams:
 
 
 @OBJECTIVES.register("crt")
-class ClassifierRetraining:
+class ClassifierRetraining(Objective):
     """Frozen upstream features, a fresh classifier trained with the stage's sampler."""
 
     version = "1"
     Params = CRTParams
 
-    def build(self, params: CRTParams, ctx: StageContext) -> nn.Module:
-        model = upstream_model(ctx)
+    def build(self, ctx: StageContext) -> nn.Module:
+        model = rebuild_input(ctx, "features", isolate_rng=False)
         freeze(model.backbone)
-        model.head = HEADS.get(params.head)(
-            model.feature_dim, ctx.num_classes, **params.head_kwargs
-        )
+        model.head = self._head(model.feature_dim, ctx.num_classes)
         return model
 
-    def loss(self, params: CRTParams, model: nn.Module, batch: Batch, ctx: StageContext):
-        return cross_entropy(model, batch)
+    def loss(self, model: nn.Module, batch: Batch, ctx: StageContext):
+        return ce_terms(model, batch)
 
-    @staticmethod
-    def lt_model(spec: Mapping[str, Any], num_classes: int, state_dict=None) -> LTModel:
-        """The upstream's architecture with this stage's head (for stages downstream of cRT)."""
-        p = spec.get("params", {}) or {}
-        model = lt_model(_features_input(spec), num_classes)
-        head = HEADS.get(p.get("head", "linear"))
-        model.head = head(model.feature_dim, num_classes, **(p.get("head_kwargs") or {}))
-        if state_dict is not None:
-            model.load_state_dict(state_dict)
-        return model
+    def rebuild(self, weights, num_classes: int, *, keep_head: bool = True) -> nn.Module:
+        """The upstream's architecture with this stage's head."""
+        model = _upstream_architecture(self, num_classes)
+        model.head = self._head(model.feature_dim, num_classes)
+        return load_weights(model, weights, keep_head=keep_head, kind="crt")
+
+    def _head(self, width: int, num_classes: int) -> nn.Module:
+        return HEADS.get(self.params.head)(width, num_classes, **self.params.head_kwargs)
 
 
 LWS_BN = ("frozen", "batch")
@@ -181,33 +113,30 @@ class LWSParams:
 
 
 @OBJECTIVES.register("lws")
-class LearnableWeightScaling:
+class LearnableWeightScaling(Objective):
     """Frozen upstream model; only a per-class scale of its linear classifier learns."""
 
     version = "1"
     Params = LWSParams
 
-    def build(self, params: LWSParams, ctx: StageContext) -> nn.Module:
-        model = upstream_model(ctx)
+    def build(self, ctx: StageContext) -> nn.Module:
+        model = rebuild_input(ctx, "features", isolate_rng=False)
         if not isinstance(model.head, nn.Linear):
             raise ConfigError(
                 f"lws needs an upstream linear head, got {type(model.head).__name__}; "
                 "train the upstream stage with head='linear'"
             )
         freeze(model.backbone)
-        if params.bn == "batch":  # the engine keeps it in train mode despite frozen params
+        if self.params.bn == "batch":  # the engine keeps it in train mode despite frozen params
             model.backbone.update_batch_stats = True
         model.head = LWSHead.from_linear(model.head)
         return model
 
-    def loss(self, params: LWSParams, model: nn.Module, batch: Batch, ctx: StageContext):
-        return cross_entropy(model, batch)
+    def loss(self, model: nn.Module, batch: Batch, ctx: StageContext):
+        return ce_terms(model, batch)
 
-    @staticmethod
-    def lt_model(spec: Mapping[str, Any], num_classes: int, state_dict=None) -> LTModel:
+    def rebuild(self, weights, num_classes: int, *, keep_head: bool = True) -> nn.Module:
         """The upstream's backbone with an LWS head (an SSD-LT teacher is an lws stage)."""
-        model = lt_model(_features_input(spec), num_classes)
+        model = _upstream_architecture(self, num_classes)
         model.head = LWSHead(model.feature_dim, num_classes)
-        if state_dict is not None:
-            model.load_state_dict(state_dict)
-        return model
+        return load_weights(model, weights, keep_head=keep_head, kind="lws")
