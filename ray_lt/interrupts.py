@@ -41,13 +41,18 @@ class Interrupts:
         """Handle SIGINT and SIGTERM in this block; the previous handlers come back after it."""
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         previous = {s: signal.getsignal(s) for s in SIGNALS}
-        for s in SIGNALS:
-            signal.signal(s, self._handle)
+        self.reinstall()
         try:
             yield self
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def reinstall(self) -> None:
+        """Take the signals (back): ``ray.init`` installs Ray's own native SIGTERM handler,
+        which logs a stack trace and aborts the driver; call this right after it."""
+        for s in SIGNALS:
+            signal.signal(s, self._handle)
 
     @contextlib.contextmanager
     def tune_running(self) -> Iterator[None]:

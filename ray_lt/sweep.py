@@ -132,6 +132,7 @@ def _run_tune(sweep: Sweep, interrupts: Interrupts) -> Any:
     started = not ray.is_initialized()
     if started:
         _init_ray(sweep)
+        interrupts.reinstall()
     try:
         tuner = _tuner(sweep)
         quiet_tune_interrupt_lines()
