@@ -11,79 +11,30 @@ leaves an earlier report untouched. ``ray_lt/report.py`` is its CLI.
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ray_lt.errors import ConfigError, CorruptArtifactError, RayLtError
-from ray_lt.stats import MARKS_LEGEND, Comparison, compare, mean_ci, significance_mark
+from ray_lt.report_model import (
+    CI_LEVEL,
+    DEFAULT_METRICS,
+    PER_CLASS_ARTIFACT,
+    PER_CLASS_COLUMNS,
+    Report,
+    ReportRow,
+)
+from ray_lt.report_tables import format_latex, format_markdown, write_csv
+from ray_lt.stats import compare, mean_ci
 from ray_lt.tracking import flatten
 
-DEFAULT_METRICS = ("many", "medium", "few", "overall")
-PER_CLASS_ARTIFACT = "per_class.parquet"
-PER_CLASS_COLUMNS = ("class", "train_count", "group", "accuracy")
 _FIX = "run `python -m ray_lt.sweep FILE` first (or pass --tracking-uri)"
-_DASH_MD, _DASH_TEX = "–", "--"
-_CSV_STATS = (("", "_mean"), ("", "_std"), ("best_", ""))
-# appended after the param columns, so every older column keeps its name and position
-_CSV_TESTS = ("_n", "_ci_lo", "_ci_hi", "_p", "_test", "_delta")
-CI_LEVEL = 0.95
-_TESTS = {
-    "paired": "paired t-test over matched seeds",
-    "welch": "Welch's t-test",
-    "none": "no test, n < 2",
-}
-
-
-@dataclass
-class ReportRow:
-    """One configuration: its runs over seeds and the statistics of each metric.
-
-    ``n`` counts a metric's finite values (NaN runs are ignored), ``ci_lo``/``ci_hi`` bound the
-    95% Student-t interval of its mean (NaN when n < 2), and ``comparison`` holds the test
-    against the baseline row per metric (empty for the baseline itself and without one).
-    """
-
-    config_id: str
-    label: str
-    params: dict[str, str]
-    seeds: list[str]
-    values: dict[str, list[float]]
-    mean: dict[str, float]
-    std: dict[str, float]
-    run_ids: list[str] = field(default_factory=list)
-    n: dict[str, int] = field(default_factory=dict)
-    ci_lo: dict[str, float] = field(default_factory=dict)
-    ci_hi: dict[str, float] = field(default_factory=dict)
-    comparison: dict[str, Comparison] = field(default_factory=dict)
-    baseline: bool = False
-
-
-@dataclass
-class Report:
-    """Everything ``build_report`` found and wrote; ``best`` maps a metric to a config_id."""
-
-    experiment: str
-    rows: list[ReportRow]
-    best: dict[str, str]
-    skipped_runs: int
-    files: dict[str, Path]
-    markdown: str
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    mode: str = "max"
-    title: str = ""
-    skipped_by_status: dict[str, int] = field(default_factory=dict)
-    duplicate_runs: int = 0
-    missing_per_class: int = 0
-    baseline: str | None = None  # config_id of the baseline row
 
 
 def build_report(
@@ -328,210 +279,6 @@ def _best(rows: list[ReportRow], metrics: list[str], mode: str) -> dict[str, str
         if cands := [r for r in rows if not math.isnan(r.mean[m])]:
             best[m] = pick(cands, key=lambda r, m=m: r.mean[m]).config_id
     return best
-
-
-def format_cell(mean: float, std: float, dash: str = _DASH_MD, pm: str = " ± ") -> str:
-    """'38.3 ± 0.4' from fractions (percent, 1 decimal); ``dash`` when the mean is NaN."""
-    if math.isnan(mean):
-        return dash
-    return f"{100 * mean:.1f}{pm}{100 * (0.0 if math.isnan(std) else std):.1f}"
-
-
-def format_ci(lo: float, hi: float) -> str:
-    """'[37.8, 38.8]' from fractions (percent, 1 decimal); '' when there is no interval."""
-    if math.isnan(lo) or math.isnan(hi):
-        return ""
-    return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def _row_label(row: ReportRow) -> str:
-    return f"{row.label} (baseline)" if row.baseline else row.label
-
-
-def _cell_list(cells: list[tuple[ReportRow, str]], everything: int) -> str:
-    """'lr=0.1: few, many; lr=0.2: few' (or '' when the list covers ``everything`` cells)."""
-    if len(cells) == everything:
-        return ""
-    by_row: dict[str, list[str]] = {}
-    for row, metric in cells:
-        by_row.setdefault(_row_label(row), []).append(metric)
-    return "; ".join(f"{label}: {', '.join(ms)}" for label, ms in by_row.items())
-
-
-def _notes(report: Report) -> list[str]:
-    """The seeds-per-row line and the footnotes (skipped, duplicate, artifact-less runs, cells
-    over fewer values than seeds or without an interval, the tests against the baseline)."""
-    counts = sorted({len(r.seeds) for r in report.rows})
-    per_row = "seeds per row: " + ", ".join(f"{r.label}: {len(r.seeds)}" for r in report.rows)
-    notes = [f"{_n(counts[0], 'seed')} per row." if len(counts) == 1 else per_row + "."]
-    cells = [(r, m) for r in report.rows for m in report.metrics if r.n[m] > 0]
-    if fewer := [
-        f"{r.label} {m}: {r.n[m]} of {len(r.seeds)}" for r, m in cells if r.n[m] < len(r.seeds)
-    ]:
-        notes.append(f"Fewer values than seeds (NaN runs ignored): {', '.join(fewer)}.")
-    if ones := [(r, m) for r, m in cells if r.n[m] == 1]:
-        which = _cell_list(ones, len(cells))
-        notes.append(f"n = 1: no interval{f' ({which})' if which else ''}.")
-    if report.baseline is not None:
-        tests: dict[str, list[tuple[ReportRow, str]]] = {}
-        for r in report.rows:
-            for m, c in r.comparison.items():
-                tests.setdefault(c.test, []).append((r, m))
-        total = sum(len(v) for v in tests.values())
-        used = [
-            _TESTS[t] + (f" ({which})" if (which := _cell_list(tests[t], total)) else "")
-            for t in _TESTS
-            if t in tests
-        ]
-        if used:
-            notes.append(f"Tests vs the baseline (two-sided): {'; '.join(used)}.")
-    detail = ", ".join(f"{s}: {n}" for s, n in report.skipped_by_status.items()) or "none"
-    notes.append(f"Skipped {_n(report.skipped_runs, 'unfinished trial run')} ({detail}).")
-    if report.duplicate_runs:
-        notes.append(f"Ignored {_n(report.duplicate_runs, 'older duplicate run')} of a seed.")
-    if report.missing_per_class:
-        notes.append(f"{_n(report.missing_per_class, 'run')} without {PER_CLASS_ARTIFACT}.")
-    return notes
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _cells(
-    report: Report,
-    row: ReportRow,
-    dash: str,
-    pm: str,
-    bold: str,
-    ci: str,
-    mark: Callable[[str], str],
-) -> list[str]:
-    """The formatted metric cells of one row: 'mean ± std', its CI, its significance mark.
-
-    ``bold`` wraps the best 'mean ± std' and ``ci`` the interval ('{}' = the text); ``mark``
-    formats the mark ('**'). A cell without an interval (n < 2) or a test result gets neither.
-    """
-    cells = []
-    for m in report.metrics:
-        cell = format_cell(row.mean[m], row.std[m], dash, pm)
-        if report.best.get(m) == row.config_id:
-            cell = bold.format(cell)
-        if interval := format_ci(row.ci_lo[m], row.ci_hi[m]):
-            cell += ci.format(interval)
-        if m in row.comparison and (sig := significance_mark(row.comparison[m].p)):
-            cell += mark(sig)
-        cells.append(cell)
-    return cells
-
-
-def _md_mark(sig: str) -> str:
-    """'\\*\\*': escaped, since Markdown would read a bare '**' as bold."""
-    return sig.replace("*", "\\*")
-
-
-def _caption(report: Report) -> str:
-    better = "higher" if report.mode == "max" else "lower"
-    level = f"{100 * CI_LEVEL:g}%"
-    return (
-        f"Accuracy (%), mean ± std over seeds [{level} CI of the mean, Student t]; n = seeds; "
-        f"bold = best mean ({better} is better)."
-    )
-
-
-def _marks_caption(report: Report) -> str:
-    base = next(r.label for r in report.rows if r.config_id == report.baseline)
-    return f"Marks: t-test of each row against the baseline ({base}): {MARKS_LEGEND}."
-
-
-def format_markdown(report: Report) -> str:
-    """The Markdown table: title, caption, one row per configuration, seeds line, footnotes."""
-    caption = [_caption(report)]
-    if report.baseline is not None:  # '*' escaped: Markdown would read '**' as bold
-        caption.append(_marks_caption(report).replace("*", "\\*"))
-    head = "| configuration | n | " + " | ".join(report.metrics) + " |\n|---|---:|"
-    lines = [f"# {report.title}", "", *caption, "", head + "---:|" * len(report.metrics)]
-    for row in report.rows:
-        cells = _cells(report, row, _DASH_MD, " ± ", "**{}**", " {}", _md_mark)
-        label = _row_label(row).replace("|", chr(92) + "|")
-        lines.append(f"| {label} | {len(row.seeds)} | " + " | ".join(cells) + " |")
-    lines += ["", *_notes(report)]
-    return "\n".join(lines) + "\n"
-
-
-_TEX = {"\\": r"\textbackslash{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-_TEX.update({ch: "\\" + ch for ch in "&%$#_{}"})
-
-
-def latex_escape(text: str) -> str:
-    """Escape LaTeX special characters (``_ % & $ # { } ~ ^ \\``) in plain text."""
-    return "".join(_TEX.get(ch, ch) for ch in text)
-
-
-def format_latex(report: Report) -> str:
-    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), the same cells as Markdown."""
-    notes = " ".join(latex_escape(n) for n in _notes(report))
-    metrics = " & ".join(latex_escape(m) for m in report.metrics)
-    head = f"Configuration & $n$ & {metrics} \\\\"
-    caption = latex_escape(_caption(report)).replace("±", "$\\pm$")
-    lines = [f"% {latex_escape(report.title)}: {caption}"]
-    if report.baseline is not None:
-        lines.append(f"% {latex_escape(_marks_caption(report))}")
-    tabular = "\\begin{tabular}{lr" + "c" * len(report.metrics) + "}"
-    lines += [f"% {notes}", tabular, "\\toprule", head, "\\midrule"]
-    for row in report.rows:
-        ci, bold = " {{\\scriptsize {}}}", "\\textbf{{{}}}"
-        cells = _cells(report, row, _DASH_TEX, " $\\pm$ ", bold, ci, _tex_mark)
-        label = f"{latex_escape(_row_label(row))} & {len(row.seeds)}"
-        lines.append(label + " & " + " & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
-
-
-def _tex_mark(sig: str) -> str:
-    return f"$^{{{sig}}}$"
-
-
-def write_csv(report: Report, path: str | Path) -> Path:
-    """Write the table as CSV: fractions (not percent) at full precision, NaN as an empty cell.
-
-    Columns: label, config_id, n_seeds, per metric ``<m>_mean``, ``<m>_std``, ``best_<m>``
-    (true/false), then ``param:<name>`` per parameter, then ``baseline`` (true for the baseline
-    row) and per metric ``<m>_n`` (finite values), ``<m>_ci_lo``, ``<m>_ci_hi`` (95% interval of
-    the mean), ``<m>_p``, ``<m>_test`` (welch/paired/none) and ``<m>_delta`` (mean minus the
-    baseline's mean) of the test against the baseline row, empty for the baseline itself and
-    when no baseline was named. New columns go at the end, so older ones keep their position.
-
-    Args:
-        report: the report to write.
-        path: destination file.
-    """
-    path = Path(path)
-    param_keys = sorted({k for r in report.rows for k in r.params})
-    header = ["label", "config_id", "n_seeds"]
-    header += [f"{p}{m}{s}" for m in report.metrics for p, s in _CSV_STATS]
-    header += [f"param:{k}" for k in param_keys]
-    header += ["baseline"] + [f"{m}{s}" for m in report.metrics for s in _CSV_TESTS]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for r in report.rows:
-            line = [r.label, r.config_id, str(len(r.seeds))]
-            for m in report.metrics:
-                best = "true" if report.best.get(m) == r.config_id else "false"
-                line += [_num(r.mean[m]), _num(r.std[m]), best]
-            line += [r.params.get(k, "") for k in param_keys]
-            line.append("true" if r.baseline else "false")
-            for m in report.metrics:
-                c = r.comparison.get(m)
-                line += [str(r.n[m]), _num(r.ci_lo[m]), _num(r.ci_hi[m])]
-                line += ["", "", ""] if c is None else [_num(c.p), c.test, _num(c.delta)]
-            writer.writerow(line)
-    return path
-
-
-def _num(x: float) -> str:
-    return "" if math.isnan(x) else repr(float(x))
 
 
 def _load_per_class(client, rows: list[ReportRow]) -> tuple[dict[str, tuple], int]:

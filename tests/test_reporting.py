@@ -18,14 +18,13 @@ import pytest
 
 from ray_lt.errors import ConfigError, CorruptArtifactError, RayLtError
 from ray_lt.metrics import GROUP_NAMES, shot_groups
+from ray_lt.report_tables import format_cell, latex_escape
 from ray_lt.reporting import (
     Report,
     _group_of_logged,
     _load_per_class,
     _nan_stats,
     build_report,
-    format_cell,
-    latex_escape,
 )
 from ray_lt.stats import compare, mean_ci, significance_mark
 
