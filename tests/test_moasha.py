@@ -18,12 +18,8 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.schedulers.util import _set_search_properties_backwards_compatible
 
 from ray_lt.errors import ERROR_KEY, ArtifactError, ConfigError
-from ray_lt.moasha import (
-    MultiObjectiveASHA,
-    crowding_distance,
-    non_dominated_sort,
-    rung_decision,
-)
+from ray_lt.moasha import MultiObjectiveASHA
+from ray_lt.pareto import crowding_distance, non_dominated_sort, rung_decision
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 MAXMAX = ["max", "max"]
