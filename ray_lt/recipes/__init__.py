@@ -38,7 +38,10 @@ CIFAR_DECOUPLED = TrainSpec(
     sampler="class_balanced",
 )
 
-BASELINES = ("ce", "crt", "lws")
+# τ-norm: post-hoc on the CE stage, nothing trains (epochs=0), no image augmentation.
+CIFAR_TAU_NORM = TrainSpec(epochs=0, batch_size=128, augment="none")
+
+BASELINES = ("ce", "crt", "lws", "tau_norm")
 
 
 def baseline(
@@ -49,17 +52,19 @@ def baseline(
     ce_train: TrainSpec = CIFAR_CE,
     decoupled_train: TrainSpec = CIFAR_DECOUPLED,
     backbone: str = "resnet32",
+    tau_norm_train: TrainSpec = CIFAR_TAU_NORM,
 ) -> StageSpec:
-    """CE, or cRT / LWS on the same seed's CE stage (which every method shares)."""
+    """CE, or cRT / LWS / τ-norm on the same seed's CE stage (which every method shares)."""
     ce = StageSpec(
         kind="ce", data=data, train=ce_train.replace(seed=seed), params={"backbone": backbone}
     )
     if method == "ce":
         return ce
+    train = tau_norm_train if method == "tau_norm" else decoupled_train
     return StageSpec(
         kind=method,
         data=data,
-        train=decoupled_train.replace(seed=seed),
+        train=train.replace(seed=seed),
         inputs={"features": ce},
     )
 

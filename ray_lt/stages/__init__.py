@@ -11,6 +11,7 @@ from ray_lt.stages import (
     cbe_calibration,  # noqa: F401  (registers cbe_calibrate)
     cbe_logits,  # noqa: F401  (registers cbe_logits)
     ssd_lt,  # noqa: F401  (registers ssd_feature, ssd_distill)
+    tau_norm,  # noqa: F401  (registers tau_norm)
 )
 
 __all__ = ["OBJECTIVES"]
