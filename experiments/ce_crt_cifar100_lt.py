@@ -19,7 +19,7 @@ from typing import Any
 from ray import tune
 
 from ray_lt.experiment import Experiment
-from ray_lt.recipes import CIFAR_CE, CIFAR_DECOUPLED, baseline
+from ray_lt.recipes import baseline, smoke_baseline
 from ray_lt.spec import StageSpec
 
 
@@ -29,13 +29,7 @@ def pipeline(config: dict[str, Any]) -> StageSpec:
 
 def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
     """One epoch of each stage with ResNet-8 on the real CIFAR-100-LT: the real data path."""
-    return baseline(
-        config["method"],
-        config["seed"],
-        ce_train=CIFAR_CE.replace(epochs=1, warmup_epochs=0, eval_every=1),
-        decoupled_train=CIFAR_DECOUPLED.replace(epochs=1),
-        backbone="resnet8",
-    )
+    return smoke_baseline(config["method"], config["seed"])
 
 
 experiment = Experiment(

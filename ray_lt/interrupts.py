@@ -131,18 +131,13 @@ def after_interrupt(
 
 def _close_runs(tracking_uri: str, experiment: str, since: float) -> tuple[int, int]:
     """(trial runs finished, trial runs still RUNNING now marked KILLED) since ``since``."""
-    from ray_lt.tracking import ROLE, TRIAL, Tracker
+    from ray_lt.tracking import Tracker
 
     try:
         tracker = Tracker(tracking_uri, experiment)
-        base = f"tags.`{ROLE}` = '{TRIAL}' and attributes.start_time >= {int(since * 1000)}"
-        runs = tracker.client.search_runs([tracker.experiment_id], base, max_results=5000)
-        killed = 0
-        for run in runs:
-            if run.info.status == "RUNNING":
-                tracker.client.set_terminated(run.info.run_id, "KILLED")
-                killed += 1
-        return sum(r.info.status == "FINISHED" for r in runs), killed
+        since_ms = int(since * 1000)
+        killed = tracker.close_unfinished(None, started_after_ms=since_ms)
+        return len(tracker.trial_runs("FINISHED", since_ms)), killed
     except Exception as err:  # noqa: BLE001 - MLflow is a mirror; the store kept everything
         text = " ".join(str(err).split())[:200]
         print(f"warning: could not update MLflow after the interrupt: {text}", file=sys.stderr)

@@ -347,19 +347,29 @@ class Tracker:
             self.client.log_artifact(run_id, per_class_parquet)
         self.client.set_terminated(run_id, "FINISHED")
 
-    def close_unfinished(self, trial_ids: list[str], status: str = "KILLED") -> int:
-        """Mark trial runs still RUNNING (stopped by ASHA, or killed) as ``status``."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{ROLE}` = '{TRIAL}' and attributes.status = 'RUNNING'",
-            max_results=5000,
-        )
+    def close_unfinished(
+        self,
+        trial_ids: list[str] | None = None,
+        status: str = "KILLED",
+        *,
+        started_after_ms: int | None = None,
+    ) -> int:
+        """Mark trial runs still RUNNING (stopped by ASHA, or killed) as ``status``: those of
+        ``trial_ids`` (every one when None) started at or after ``started_after_ms``."""
+        runs = self.trial_runs("RUNNING", started_after_ms)
         closed = 0
         for run in runs:
-            if run.data.tags.get("ray_lt.trial_id") in trial_ids:
+            if trial_ids is None or run.data.tags.get("ray_lt.trial_id") in trial_ids:
                 self.client.set_terminated(run.info.run_id, status)
                 closed += 1
         return closed
+
+    def trial_runs(self, status: str, started_after_ms: int | None = None) -> list:
+        """This experiment's trial runs in ``status``, optionally only the recent ones."""
+        where = f"tags.`{ROLE}` = '{TRIAL}' and attributes.status = '{status}'"
+        if started_after_ms is not None:
+            where += f" and attributes.start_time >= {int(started_after_ms)}"
+        return self.client.search_runs([self.experiment_id], where, max_results=5000)
 
     def fail_trial(self, run_id: str, message: str) -> None:
         self.client.set_tag(run_id, "ray_lt.error", message[:MAX_PARAM_LEN])

@@ -69,6 +69,18 @@ def baseline(
     )
 
 
+def smoke_baseline(method: str, seed: int) -> StageSpec:
+    """``baseline`` for CPUs: one epoch of each stage with ResNet-8 on the real CIFAR-100-LT,
+    so the smoke variants of the baseline experiments still exercise the real data path."""
+    return baseline(
+        method,
+        seed,
+        ce_train=CIFAR_CE.replace(epochs=1, warmup_epochs=0, eval_every=1),
+        decoupled_train=CIFAR_DECOUPLED.replace(epochs=1),
+        backbone="resnet8",
+    )
+
+
 # CBD's CIFAR recipe: teachers follow the CE recipe with a cosine head (fixed scale 16 for 64-d
 # features); the student trains from scratch with class-balanced sampling and distils the
 # concatenated, renormalised teacher features.
