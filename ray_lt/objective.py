@@ -86,6 +86,9 @@ class Batch:
     index: torch.Tensor  # int64 [B]: rows of the train split
     raw: torch.Tensor  # uint8 [B, 3, H, W] before augmentation (for objectives with other views)
     generator: torch.Generator  # the stage's augmentation generator, for extra views
+    # uint8 [B, 3, H, W]: a second crop + flip of each full image, independent of x's, at the
+    # objective's ``second_view`` scale; None when the objective asks for none.
+    view2: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,12 @@ class Objective:
     Params: ClassVar[type] = NoParams  # a frozen dataclass; unknown names in a spec are errors
     # True: a cheap CPU stage, run in the trial's own process rather than as a Ray Train fit.
     in_trial: ClassVar[bool] = False
+    # The area range (fractions of the image) of a second random resized crop + flip that the
+    # engine draws from each full image, independently of the first, as ``Batch.view2``: on the
+    # device from the stored image, or decoded by the CPU from the JPEG on a streamed split (a
+    # second decode per image). A crop of the first crop would not be a view of the image.
+    # None: no second view, no cost.
+    second_view: ClassVar[tuple[float, float] | None] = None
 
     def __init__(self, spec: StageSpec) -> None:
         self.spec = spec

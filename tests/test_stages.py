@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ray_lt.data import augment_batch, load_dataset
+from ray_lt.data.augment import second_view_images
 from ray_lt.models import create_model
 from ray_lt.objective import (
     OBJECTIVES,
@@ -95,7 +96,9 @@ def test_one_step_contract(kind):
     raw = torch.from_numpy(data.train.images[:8].copy())
     x = augment_batch("crop_flip", raw, gen, data.mean, data.std)
     y = torch.from_numpy(data.train.labels[:8].copy())
-    batch = Batch(x=x, y=y, index=torch.arange(8), raw=raw, generator=gen)
+    scale = objective.second_view  # the engine's second view, drawn as on the device path
+    view2 = None if scale is None else second_view_images(raw, gen, scale)
+    batch = Batch(x=x, y=y, index=torch.arange(8), raw=raw, generator=gen, view2=view2)
     terms = objective.loss(model, batch, ctx)
     assert terms and all(isinstance(k, str) for k in terms)
     loss = sum(terms.values())

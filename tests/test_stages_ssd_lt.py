@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ray_lt.data import augment_batch, load_dataset
-from ray_lt.data.augment import resized_crop_boxes
+from ray_lt.data.augment import MOCO_SCALE, resized_crop_boxes, second_view_images
 from ray_lt.engine import LocalSession, StageRun, run_stage
 from ray_lt.errors import ConfigError
 from ray_lt.objective import Batch, StageContext, UpstreamArtifact, get_objective, parse_params
@@ -59,7 +59,8 @@ def _batch(data, n: int = 8, seed: int = 0) -> Batch:
     gen = _gen(seed)
     x = augment_batch("crop_flip", raw, gen, data.mean, data.std)
     y = torch.from_numpy(data.train.labels[:n].copy())
-    return Batch(x=x, y=y, index=torch.arange(n), raw=raw, generator=gen)
+    view2 = second_view_images(raw, gen, MOCO_SCALE)  # as the engine draws it on the device
+    return Batch(x=x, y=y, index=torch.arange(n), raw=raw, generator=gen, view2=view2)
 
 
 # --- moco_v2 -----------------------------------------------------------------------------------

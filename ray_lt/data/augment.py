@@ -316,7 +316,11 @@ def moco_v2_images(x: torch.Tensor, generator: torch.Generator, *, blur: bool = 
     Draws in order: crop boxes, flips, ``colour_distort`` (strength 0.5), then blur if on.
     """
     _check(x)
-    images = _resized_crop_flip(x.float() / 255.0, generator)
+    return _moco_colour(_resized_crop_flip(x.float() / 255.0, generator), generator, blur=blur)
+
+
+def _moco_colour(images: torch.Tensor, generator: torch.Generator, *, blur: bool) -> torch.Tensor:
+    """MoCo v2's photometric part of float images in [0, 1]: jitter p 0.8, grey p 0.2, blur."""
     out = colour_distort(images, generator, strength=0.5, p_jitter=0.8, p_grey=0.2)
     if blur:
         out = gaussian_blur(out, generator)
@@ -343,6 +347,44 @@ def moco_v2_blur(
 ) -> torch.Tensor:
     """MoCo v2 as at 224 px: ``moco_v2`` plus Gaussian blur (sigma 0.1-2, p 0.5)."""
     return _normalize_float(moco_v2_images(x, generator, blur=True), mean, std)
+
+
+@AUGMENTS.register("moco_v2_colour")
+def moco_v2_colour(
+    x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """``moco_v2`` without its crop and flip, for a view already cropped from the full image
+    (an objective's ``second_view``): jitter p 0.8, grey p 0.2, normalise."""
+    _check(x)
+    return _normalize_float(_moco_colour(x.float() / 255.0, generator, blur=False), mean, std)
+
+
+@AUGMENTS.register("moco_v2_colour_blur")
+def moco_v2_colour_blur(
+    x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """``moco_v2_blur`` without its crop and flip: ``moco_v2_colour`` plus Gaussian blur."""
+    _check(x)
+    return _normalize_float(_moco_colour(x.float() / 255.0, generator, blur=True), mean, std)
+
+
+#: The photometric part of each key-view augmentation: what is left to do on a second view that
+#: the data path already cropped and flipped from the full image.
+KEY_VIEW_PHOTOMETRIC = {"moco_v2": "moco_v2_colour", "moco_v2_blur": "moco_v2_colour_blur"}
+
+
+def second_view_images(
+    x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float]
+) -> torch.Tensor:
+    """An independent RandomResizedCrop(``scale``) + flip of each image, uint8 in and out.
+
+    The device path's second view (``Objective.second_view``): drawn from the stored image, as
+    the streaming path's CPU decoder draws it from the full JPEG. Rounded back to uint8 so that
+    both paths hand the objective the same kind of tensor.
+    """
+    _check(x)
+    images = _resized_crop_flip(x.float() / 255.0, generator, scale=scale)
+    return (images * 255.0).round().clamp(0.0, 255.0).to(torch.uint8)
 
 
 def augment_batch(
@@ -375,6 +417,7 @@ def augment_batch(
 # where torchvision blends with the greyscale mean.
 
 IMAGENET_SCALE = (0.08, 1.0)
+CBD_SCALE = (0.05, 1.0)  # CBD's crop: 5-100 % of the area
 
 
 def _jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -388,6 +431,20 @@ def rrc_flip(
     """RandomResizedCrop(scale 0.08-1) to the input size + flip, then normalise (ImageNet)."""
     _check(x)
     images = _resized_crop_flip(x.float() / 255.0, generator, scale=IMAGENET_SCALE)
+    return _normalize_float(images, mean, std)
+
+
+@AUGMENTS.register("rrc05_flip")
+def rrc05_flip(
+    x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """RandomResizedCrop(scale 0.05-1) to the input size + flip, then normalise.
+
+    CBD's training crop (docs/methods/cbd.md): a box of 5-100 % of the image's area where
+    torchvision's default takes 8-100 %; everything else as ``rrc_flip``.
+    """
+    _check(x)
+    images = _resized_crop_flip(x.float() / 255.0, generator, scale=CBD_SCALE)
     return _normalize_float(images, mean, std)
 
 
@@ -410,18 +467,26 @@ def rrc_flip_jitter(
     return _normalize_float(_jitter(images, generator), mean, std)
 
 
-#: Augmentations whose geometry the CPU decoder does on a streamed split, and the part left for
-#: the device. Any other augmentation streams a resized centre crop and runs whole on the device.
-STREAM_DEVICE_PART = {"rrc_flip": "none", "rrc_flip_jitter": "color_jitter"}
+#: Augmentations whose geometry the CPU decoder does on a streamed split: the area range of its
+#: random resized crop, and the part left for the device. Any other augmentation streams a
+#: resized centre crop and runs whole on the device.
+STREAM_DEVICE_PART: dict[str, tuple[tuple[float, float], str]] = {
+    "rrc_flip": (IMAGENET_SCALE, "none"),
+    "rrc_flip_jitter": (IMAGENET_SCALE, "color_jitter"),
+    "rrc05_flip": (CBD_SCALE, "none"),
+}
 
 
-def streamed_augment(name: str) -> tuple[bool, str]:
-    """For a streamed split: (whether the CPU takes the random resized crop, device augment).
+def streamed_augment(name: str) -> tuple[tuple[float, float] | None, str]:
+    """For a streamed split: the area range of the random resized crop the CPU takes from the
+    full JPEG (None: it takes the evaluation crop) and the augmentation left for the device.
+
+    The scale travels with the name so that a CPU crop is the crop the device path would draw.
 
     Args:
         name: the stage's ``TrainSpec.augment``.
     """
     AUGMENTS.get(name)  # an unknown name fails here, naming the known ones
     if name in STREAM_DEVICE_PART:
-        return True, STREAM_DEVICE_PART[name]
-    return False, name
+        return STREAM_DEVICE_PART[name]
+    return None, name

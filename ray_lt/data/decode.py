@@ -27,6 +27,10 @@ from ray_lt.errors import DataError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_RATIO = 256 / 224  # eval: resize the shorter side to round(size * RESIZE_RATIO), crop size
+DEFAULT_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop area range
+# A second view's seed is its row's seed with this bit set: row seeds stay below 2**62
+# (``sources.row_seeds``), so a second view never reuses any query's random stream.
+VIEW_SEED_BIT = 1 << 62
 
 _DRAFT_SCALES = (8, 4, 2)  # the reduced scales libjpeg can decode at (besides 1)
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -108,7 +112,7 @@ def random_resized_crop_box(
     width: int,
     height: int,
     rng: np.random.Generator,
-    scale: tuple[float, float] = (0.08, 1.0),
+    scale: tuple[float, float] = DEFAULT_SCALE,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> tuple[int, int, int, int]:
     """(left, top, crop_w, crop_h): torchvision ``RandomResizedCrop``'s box sampling on ``rng``.
@@ -138,8 +142,10 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def _train_hwc(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
-    left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
+def _train_hwc(
+    img: Image.Image, size: int, rng: np.random.Generator, area: tuple[float, float]
+) -> np.ndarray:
+    left, top, w, h = random_resized_crop_box(img.width, img.height, rng, scale=area)
     flip = rng.random() < 0.5
     # decode at the smallest JPEG scale at which the crop still has >= size pixels each way
     scale = next((s for s in _DRAFT_SCALES if min(w, h) >= size * s), 1)
@@ -168,14 +174,20 @@ def _eval_hwc(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box))
 
 
-def train_crop(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [3, size, size]: ``RandomResizedCrop(size)`` (bilinear) + horizontal flip p = 0.5.
+def train_crop(
+    img: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = DEFAULT_SCALE,
+) -> np.ndarray:
+    """uint8 [3, size, size]: ``RandomResizedCrop(size, scale)`` (bilinear) + flip p = 0.5.
 
     A JPEG opened with ``Image.open`` and not yet loaded is decoded at a reduced scale when the
     crop box keeps at least ``size`` pixels each way; the box is drawn on the full-size image
     either way, so the draws (and so the crop's position) do not depend on the scale.
+    ``scale`` is the crop's area range as a fraction of the image's (CBD takes 0.05-1).
     """
-    return np.ascontiguousarray(_train_hwc(img, size, rng).transpose(2, 0, 1))
+    return np.ascontiguousarray(_train_hwc(img, size, rng, scale).transpose(2, 0, 1))
 
 
 def eval_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -184,10 +196,12 @@ def eval_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(_eval_hwc(img, size).transpose(2, 0, 1))
 
 
-def _decode_one(path: str, size: int, rng: np.random.Generator | None) -> np.ndarray:
+def _decode_one(
+    path: str, size: int, rng: np.random.Generator | None, scale: tuple[float, float]
+) -> np.ndarray:
     with _open(path) as img:
         try:
-            return _eval_hwc(img, size) if rng is None else _train_hwc(img, size, rng)
+            return _eval_hwc(img, size) if rng is None else _train_hwc(img, size, rng, scale)
         except _READ_ERRORS as exc:  # a failure that _rgb did not see (e.g. in resize)
             raise _unreadable(path, exc) from None
 
@@ -198,6 +212,7 @@ def decode_batch(
     size: int,
     train: bool,
     seeds: Sequence[int] | np.ndarray | None = None,
+    scale: tuple[float, float] = DEFAULT_SCALE,
 ) -> np.ndarray:
     """Decode and crop image files into one uint8 [B, 3, size, size] C-contiguous array.
 
@@ -207,6 +222,7 @@ def decode_batch(
         train: ``train_crop`` (random) when True, ``eval_crop`` when False.
         seeds: one int per image, required when ``train``: image i draws from
             ``np.random.default_rng(int(seeds[i]))``.
+        scale: the training crop's area range (``train_crop``); unused for evaluation.
 
     Raises:
         DataError: missing seeds, or an image that cannot be decoded (the message names it).
@@ -222,7 +238,7 @@ def decode_batch(
     out = np.empty((n, 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
         rng = np.random.default_rng(int(seeds[i])) if train else None
-        out[i] = _decode_one(path, size, rng).transpose(2, 0, 1)
+        out[i] = _decode_one(path, size, rng, scale).transpose(2, 0, 1)
     return out
 
 
@@ -231,13 +247,25 @@ def _as_str(p: object) -> str:
 
 
 def decode_rows(
-    batch: dict[str, np.ndarray], *, image_root: str, size: int, train: bool
+    batch: dict[str, np.ndarray],
+    *,
+    image_root: str,
+    size: int,
+    train: bool,
+    scale: tuple[float, float] = DEFAULT_SCALE,
+    second_view: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """The Ray Data ``map_batches`` body (``batch_format="numpy"``).
 
     Input columns: ``path`` (relative to ``image_root``), ``seed`` (int64, needed when
-    ``train``) and any others, which pass through unchanged; ``path`` and ``seed`` are dropped
-    and ``image`` (uint8 [B, 3, size, size], from ``decode_batch``) is added.
+    ``train`` or ``second_view``) and any others, which pass through unchanged; ``path`` and
+    ``seed`` are dropped and ``image`` (uint8 [B, 3, size, size], from ``decode_batch``: the
+    training crop at ``scale`` when ``train``, else the evaluation crop) is added.
+
+    With ``second_view`` (an area range), ``view2`` is added too: a second random resized crop
+    + flip of each full image, independent of ``image``'s (its seed is the row's seed with
+    ``VIEW_SEED_BIT`` set). A crop of the full image cannot be cut from the first crop, so it
+    costs a second decode of every file.
     """
     paths = batch.get("path")
     if paths is None:
@@ -245,9 +273,18 @@ def decode_rows(
             raise DataError("decode_rows needs a 'path' column (image paths relative to the root)")
         paths = np.empty(0, dtype=object)
     seeds = batch.get("seed")
-    if train and seeds is None and len(paths):
-        raise DataError("decode_rows(train=True) needs a 'seed' column (one int64 per row)")
+    if (train or second_view is not None) and seeds is None and len(paths):
+        raise DataError(
+            f"decode_rows(train={train}, second_view={second_view}) needs a 'seed' column "
+            "(one int64 per row)"
+        )
     full = [os.path.join(image_root, _as_str(p)) for p in paths]
     out = {k: v for k, v in batch.items() if k not in ("path", "seed")}
-    out["image"] = decode_batch(full, size=size, train=train, seeds=seeds if train else None)
+    image_seeds = seeds if train else None
+    out["image"] = decode_batch(full, size=size, train=train, seeds=image_seeds, scale=scale)
+    if second_view is not None:
+        view_seeds = np.asarray(seeds if seeds is not None else [], dtype=np.int64) | VIEW_SEED_BIT
+        out["view2"] = decode_batch(
+            full, size=size, train=True, seeds=view_seeds, scale=second_view
+        )
     return out

@@ -3,7 +3,10 @@
 The engine asks a source for a training epoch's batches in a sampled order and for a split's
 evaluation batches in row order; it gets ``(rows, raw)`` pairs, ``rows`` the int64 row numbers on
 the device, ``raw`` the uint8 images (or float rows) on the device. So the loop, the samplers and
-the objectives are the same whichever source feeds them:
+the objectives are the same whichever source feeds them. A stream source built with a
+``second_view`` yields ``(rows, raw, view2)`` training batches: the second view an objective asks
+for (``Objective.second_view``), decoded from the full JPEG; on the device path the engine draws
+it from the stored image instead.
 
 - ``DeviceSource``: a small dataset lives on the device as one tensor (docs/data.md); a batch is
   one gather, with no host round trip.
@@ -33,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ray_lt.data.decode import DEFAULT_SCALE
 from ray_lt.data.spec import LTDataset, Split
 from ray_lt.errors import ConfigError
 
@@ -43,7 +47,8 @@ BLOCK_ROWS = 512
 #: Environment variable: CPUs each decode task reserves (default 1).
 DECODE_CPUS_ENV = "RAY_LT_DECODE_CPUS"
 
-Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterator[tuple[torch.Tensor, ...]]  # (rows, raw), or (rows, raw, view2): see above
+Scale = tuple[float, float]  # a random resized crop's area range, as a fraction of the image's
 
 
 class ImageSource(Protocol):
@@ -103,8 +108,21 @@ def decode_cpus() -> float:
 
 
 def row_seeds(seed: int, count: int) -> np.ndarray:
-    """One int64 seed per position of an epoch's order, from the epoch's seed."""
+    """One int64 seed per position of an epoch's order, from the epoch's seed (below 2**62, so
+    ``decode.VIEW_SEED_BIT`` can mark a second view's seeds)."""
     return (np.int64(seed) * np.int64(1_000_003) + np.arange(count, dtype=np.int64)) & (2**62 - 1)
+
+
+def crop_scale(train_crop: Scale | bool | None) -> Scale | None:
+    """The CPU training crop's area range: True is torchvision's default, False / None none."""
+    if train_crop is True:
+        return DEFAULT_SCALE
+    if train_crop is False or train_crop is None:
+        return None
+    lo, hi = (float(v) for v in train_crop)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"a crop's area range must hold 0 < low <= high <= 1, got {train_crop}")
+    return lo, hi
 
 
 class StreamSource:
@@ -115,8 +133,11 @@ class StreamSource:
         image_root: the folder the paths hang off, the same on every node.
         size: the square crop fed to the model.
         device: where the batches go.
-        train_crop: whether training batches get the random resized crop + flip on the CPU
-            (the ImageNet transform) or the evaluation crop (the device then augments it).
+        train_crop: the area range of the random resized crop + flip training batches get on
+            the CPU (True: torchvision's 0.08-1, the ImageNet transform), or None / False for
+            the evaluation crop (the device then augments it).
+        second_view: the area range of a second, independent random resized crop + flip of
+            each full image, yielded as ``view2``; None decodes none (and costs nothing).
     """
 
     def __init__(
@@ -125,26 +146,36 @@ class StreamSource:
         image_root: str,
         size: int,
         device: torch.device,
-        train_crop: bool = True,
+        train_crop: Scale | bool | None = True,
+        second_view: Scale | None = None,
     ):
         self.paths = split.images
         self.image_root = image_root
         self.size = size
         self.device = device
-        self.train_crop = train_crop
+        self.train_crop = crop_scale(train_crop)
+        self.second_view = crop_scale(second_view)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def train_batches(self, order: torch.Tensor, batch_size: int, seed: int) -> Batches:
         rows = order.cpu().numpy().astype(np.int64)
-        yield from self._stream(rows, row_seeds(seed, len(rows)), batch_size, self.train_crop)
+        seeds = row_seeds(seed, len(rows))
+        yield from self._stream(rows, seeds, batch_size, self.train_crop, self.second_view)
 
     def eval_batches(self, batch_size: int) -> Batches:
         rows = np.arange(len(self), dtype=np.int64)
-        yield from self._stream(rows, np.zeros(len(rows), np.int64), batch_size, False)
+        yield from self._stream(rows, np.zeros(len(rows), np.int64), batch_size, None, None)
 
-    def _stream(self, rows: np.ndarray, seeds: np.ndarray, batch_size: int, train: bool):
+    def _stream(
+        self,
+        rows: np.ndarray,
+        seeds: np.ndarray,
+        batch_size: int,
+        crop: Scale | None,
+        second_view: Scale | None,
+    ) -> Batches:
         if len(rows) == 0:
             return
         import ray.data
@@ -168,7 +199,13 @@ class StreamSource:
         ]
         ds = ray.data.from_arrow(blocks).map_batches(
             decode_rows,
-            fn_kwargs={"image_root": self.image_root, "size": self.size, "train": train},
+            fn_kwargs={
+                "image_root": self.image_root,
+                "size": self.size,
+                "train": crop is not None,
+                "scale": crop or DEFAULT_SCALE,
+                "second_view": second_view,
+            },
             batch_size=DECODE_BATCH,
             batch_format="numpy",
             num_cpus=decode_cpus(),
@@ -180,13 +217,27 @@ class StreamSource:
             pin_memory=cuda,
             prefetch_batches=4 if cuda else 1,
         ):
-            yield batch["row"].to(self.device), batch["image"].to(self.device)
+            rows_t, image = batch["row"].to(self.device), batch["image"].to(self.device)
+            if second_view is None:
+                yield rows_t, image
+            else:
+                yield rows_t, image, batch["view2"].to(self.device)
 
 
 def image_source(
-    split: Split, data: LTDataset, device: torch.device, train_crop: bool = True
+    split: Split,
+    data: LTDataset,
+    device: torch.device,
+    train_crop: Scale | bool | None = True,
+    second_view: Scale | None = None,
 ) -> ImageSource:
-    """The source for a split: streamed when it holds paths, else a device tensor."""
+    """The source for a split: streamed when it holds paths, else a device tensor.
+
+    ``train_crop`` and ``second_view`` are the CPU crops of a streamed split (``StreamSource``);
+    a device split ignores them (the engine draws its crops on the device).
+    """
     if split.streamed:
-        return StreamSource(split, data.image_root, data.image_size, device, train_crop)
+        return StreamSource(
+            split, data.image_root, data.image_size, device, train_crop, second_view
+        )
     return DeviceSource(split.images, device)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ray_lt.data import augment_batch, draw_epoch, normalize_batch
+from ray_lt.data.augment import second_view_images
 from ray_lt.data.spec import LTDataset
 from ray_lt.engine.prepare import PreparedStage
 from ray_lt.objective import Batch, uses_channels_last
@@ -84,6 +85,15 @@ def order_seed(train: TrainSpec, epoch: int, rank: int) -> int:
     return (train.seed * 100_003 + epoch) * 1_009 + rank
 
 
+def device_view(
+    stage: PreparedStage, raw: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor | None:
+    """The objective's second view drawn on the device from the stored images (after x's draws,
+    so independent of them); None when it asks for none. A streamed split's comes decoded."""
+    scale = stage.objective.second_view
+    return None if scale is None else second_view_images(raw, gen, scale)
+
+
 def train_epoch(stage: PreparedStage, wrapped: nn.Module, epoch: int) -> tuple[dict, int]:
     """One epoch of steps on this rank's share of the sampler's draw.
 
@@ -109,9 +119,10 @@ def train_epoch(stage: PreparedStage, wrapped: nn.Module, epoch: int) -> tuple[d
     batches = stage.train_source.train_batches(
         order, stage.per_rank_batch, seed=int(order_seed(train, epoch, stage.rank))
     )
-    for step, (idx, raw) in enumerate(batches):
+    for step, (idx, raw, *decoded) in enumerate(batches):
         x = model_inputs(raw, data, train, device, gen, stage.augment)
-        batch = Batch(x=x, y=stage.labels[idx], index=idx, raw=raw, generator=gen)
+        view2 = decoded[0] if decoded else device_view(stage, raw, gen)
+        batch = Batch(x=x, y=stage.labels[idx], index=idx, raw=raw, generator=gen, view2=view2)
         terms = sgd_step(stage, wrapped, batch, lr_at(train, epoch + step / steps))
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()

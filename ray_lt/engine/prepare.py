@@ -87,12 +87,20 @@ def prepare(run: StageRun, session: Session) -> PreparedStage:
             f"stage {spec.name}: its inputs are precomputed float rows, which cannot be "
             f"augmented with '{train.augment}'; set augment='none' in its TrainSpec"
         )
-    # A streamed split may have its random resized crop taken by the CPU decoder; the device
-    # then applies only the rest of the augmentation (ray_lt.data.augment.STREAM_DEVICE_PART).
+    if data.train.images.dtype == np.float32 and objective.second_view is not None:
+        raise ConfigError(
+            f"stage {spec.name}: kind '{spec.kind}' needs a second view of each image, but its "
+            "inputs are precomputed float rows; give it image data"
+        )
+    # A streamed split may have its random resized crop taken by the CPU decoder, at the
+    # augmentation's scale; the device then applies only the rest of the augmentation
+    # (ray_lt.data.augment.STREAM_DEVICE_PART). The CPU also decodes the second view, if any.
     cpu_crop, augment = (
-        streamed_augment(train.augment) if data.train.streamed else (False, train.augment)
+        streamed_augment(train.augment) if data.train.streamed else (None, train.augment)
     )
-    train_source = image_source(data.train, data, device, train_crop=cpu_crop)
+    train_source = image_source(
+        data.train, data, device, train_crop=cpu_crop, second_view=objective.second_view
+    )
     eval_sources = {
         "test": image_source(data.test, data, device),
         "val": image_source(data.val, data, device),

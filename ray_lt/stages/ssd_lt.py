@@ -5,11 +5,14 @@ Stage II (the balanced teacher) and the optional fine-tune are the shared ``lws`
 and the linear (hard) head, every other submodule dropped.
 
 Stage I, ``ssd_feature``: CE on the engine's weak view (``TrainSpec.augment``, ``crop_flip`` on
-CIFAR) plus ``ssl_weight`` x a MoCo loss whose key view is ``moco_v2`` (drawn here from the raw
-batch with the stage's generator). The model, its EMA key encoder and its labelled queue are in
-stages/ssd_models.py. ``ssl_weight=0`` (the CE-only ablation) builds a plain backbone + linear
-head, no MLP or queue. The queue length ``K`` must be a multiple of the batch and at most the
-training-set size (checked on the real train counts by ``validate``, on the driver and at build).
+CIFAR) plus ``ssl_weight`` x a MoCo loss whose key view is a second crop + flip of the full image
+at MoCo's scale 0.2-1 (``second_view``: drawn by the engine independently of the query's crop, on
+the device or by the CPU decoder), then the photometric part of ``key_augment`` (``moco_v2`` or
+``moco_v2_blur``: jitter, grey, blur) with the stage's generator. The model, its EMA key
+encoder and its labelled queue are in stages/ssd_models.py. ``ssl_weight=0`` (the CE-only
+ablation) builds a plain backbone + linear head, no MLP or queue. The queue length ``K`` must
+be a multiple of the batch and at most the training-set size (checked on the real train counts
+by ``validate``, on the driver and at build).
 
 Stage III, ``ssd_distill``: a fresh network with a hard head (CE) and a soft head (KD from the
 frozen teacher on the same augmented batch, ``T^2 KL(softmax(t/T) || softmax(s/T))`` summed over
@@ -31,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ray_lt.data import AUGMENTS, augment_batch
+from ray_lt.data import augment_batch
+from ray_lt.data.augment import KEY_VIEW_PHOTOMETRIC, MOCO_SCALE
 from ray_lt.errors import ConfigError
 from ray_lt.models import LTModel, create_model, linear_head
 from ray_lt.objective import OBJECTIVES, Batch, Objective, StageContext
@@ -86,12 +90,17 @@ class SSDFeatureParams:
 class SSDFeature(Objective):
     """Stage I: CE on the weak view + ``ssl_weight`` x label-masked MoCo on a MoCo-v2 view."""
 
-    version = "1"
+    version = "2"  # 2: the key is an independent crop of the full image, not of the query's
     Params = SSDFeatureParams
+    second_view = MOCO_SCALE
 
     def validate(self, counts: np.ndarray) -> None:
         """The key augmentation exists; the queue fits the batch and the training set."""
-        AUGMENTS.get(self.params.key_augment)
+        if self.params.key_augment not in KEY_VIEW_PHOTOMETRIC:
+            raise ConfigError(
+                f"ssd_feature key_augment '{self.params.key_augment}' is not a key view; use "
+                f"one of {sorted(KEY_VIEW_PHOTOMETRIC)}"
+            )
         if self.params.ssl_weight > 0:
             self._queue_size(counts)
 
@@ -120,8 +129,10 @@ class SSDFeature(Objective):
         terms = {"ce": cross_entropy(logits, batch.y)}
         with torch.no_grad():
             net.momentum_update(p.momentum)
+            photometric = KEY_VIEW_PHOTOMETRIC[p.key_augment]
+            assert batch.view2 is not None, "the engine draws view2 for second_view"
             view = augment_batch(
-                p.key_augment, batch.raw, batch.generator, ctx.data.mean, ctx.data.std
+                photometric, batch.view2, batch.generator, ctx.data.mean, ctx.data.std
             )
             k = net.keys(to_layout(view, ctx))
         # Clones: the queue is overwritten below, and autograd needs the values it multiplied.
