@@ -2,17 +2,19 @@
 
 ResNet-50, 90 epochs, batch 128, lr 0.05 (0.1 per 256 images), cosine decay without warm-up,
 weight decay on every parameter (the official 5e-4 is torch's 2.5e-4: the TF code's penalty has
-gradient wd/2 x theta, docs/methods/cbd.md), cosine heads with a fixed scale of 20, and four
-teachers (vanilla and data_aug, seeds 1 and 2). Training images get RandomResizedCrop 224 + flip
-(``rrc_flip``; the original samples the box over 5-100% of the area, torchvision's 8-100% here),
-evaluation Resize 256 + CentreCrop 224. At 224 px ImageNet-LT streams through Ray Data
-(``DataSpec.placement="auto"``): JPEGs are decoded and cropped on CPU workers across the cluster.
+gradient wd/2 x theta, docs/methods/cbd.md), cosine heads with a fixed scale of 20, the last
+BatchNorm of every residual block starting at zero, and four teachers (vanilla and data_aug,
+seeds 1 and 2; data_aug adds SimCLR-v2 colour distortion to the same crop). Training images get
+the official crop: RandomResizedCrop over 5-100% of the area to 224 + flip (``rrc05_flip``,
+taken from the full JPEG when streamed), evaluation Resize 256 + CentreCrop 224. At 224 px
+ImageNet-LT streams through Ray Data (``DataSpec.placement="auto"``): JPEGs are decoded and
+cropped on CPU workers across the cluster.
 
     RAY_LT_DATA=/data python -m ray_lt.sweep experiments/cbd_ens_imagenet_lt.py
     # /data/ImageNet_LT/ImageNet_LT_{train,val,test}.txt with the ImageNet train/ and val/ beside
 
 The smoke variant (``--smoke``) runs the same pipeline with ResNet-50 on a tiny tree in the same
-format at 32 px, inline on a CPU (``tests/image_trees.py`` makes one).
+format at 32 px, with the same crop, inline on a CPU (``tests/image_trees.py`` makes one).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ TRAIN = TrainSpec(
     weight_decay=2.5e-4,  # the official wd 5e-4 / 2 (see the docstring)
     schedule="cosine",
     warmup_epochs=0,
-    augment="rrc_flip",
+    augment="rrc05_flip",  # CBD's crop: 5-100 % of the area
     eval_every=5,
 )
 
@@ -45,7 +47,8 @@ def pipeline(config: dict[str, Any]) -> StageSpec:
 
 
 def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
-    return cbd_ens(config, data=smoke_data("imagenet_lt"), train=SMOKE_TRAIN)
+    train = SMOKE_TRAIN.replace(augment=TRAIN.augment)
+    return cbd_ens(config, data=smoke_data("imagenet_lt"), train=train)
 
 
 experiment = Experiment(

@@ -2,9 +2,10 @@
 
 As ``cbd_ens_imagenet_lt.py`` with iNat18's values (docs/methods/cbd.md): ResNet-50, 200
 epochs, batch 128, lr 0.05, cosine, weight decay 1e-4 (the official 2e-4 halved, as on
-ImageNet-LT), cosine heads with scale 20, four teachers. The test split is the official
-24,426-image val2018 set; iNat18 has no validation split. 437k training JPEGs stream through Ray
-Data.
+ImageNet-LT), cosine heads with scale 20, zero-γ residual BatchNorms, four teachers, and the
+official crop (``rrc05_flip``: RandomResizedCrop over 5-100% of the area + flip). The test split
+is the official 24,426-image val2018 set; iNat18 has no validation split. 437k training JPEGs
+stream through Ray Data.
 
     RAY_LT_DATA=/data python -m ray_lt.sweep experiments/cbd_ens_inat18.py
     # /data/iNat18/{train2018,val2018}.json with train_val2018/ beside them
@@ -36,7 +37,7 @@ TRAIN = TrainSpec(
     weight_decay=1e-4,  # the official wd 2e-4 / 2 (docs/methods/cbd.md)
     schedule="cosine",
     warmup_epochs=0,
-    augment="rrc_flip",
+    augment="rrc05_flip",  # CBD's crop: 5-100 % of the area
     eval_every=10,
 )
 
@@ -46,7 +47,8 @@ def pipeline(config: dict[str, Any]) -> StageSpec:
 
 
 def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
-    return cbd_ens(config, data=smoke_data("inat18", placement="stream"), train=SMOKE_TRAIN)
+    train = SMOKE_TRAIN.replace(augment=TRAIN.augment)
+    return cbd_ens(config, data=smoke_data("inat18", placement="stream"), train=train)
 
 
 experiment = Experiment(

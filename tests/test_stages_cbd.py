@@ -173,7 +173,7 @@ def _batch(data, n: int = 16, seed: int = 0) -> Batch:
     return Batch(x=x, y=y, index=torch.arange(n), raw=raw, generator=gen)
 
 
-def test_teacher_has_a_fixed_cosine_head_and_data_aug_reaugments(data):
+def test_teacher_has_a_fixed_cosine_head_and_data_aug_distorts_the_engine_view(data):
     objective, params, ctx, model = _build(_teacher("data_aug"), data, {})
     assert type(model.head).__name__ == "CosineHead"
     assert not any(p is model.head.scale for p in model.parameters())  # fixed, not learnt
@@ -181,8 +181,9 @@ def test_teacher_has_a_fixed_cosine_head_and_data_aug_reaugments(data):
     state = batch.generator.get_state()
     terms = objective.loss(model, batch, ctx)
     assert set(terms) == {"ce"}
-    replay = _gen().set_state(state)
-    expected_x = augment_batch("crop_flip_simclr", batch.raw, replay, data.mean, data.std)
+    m, s = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+    images = (batch.x * s + m).clamp(0.0, 1.0)  # the engine's crop, back in [0, 1]
+    expected_x = (colour_distort(images, _gen().set_state(state)) - m) / s
     model.eval()  # same BN statistics for both forwards
     with torch.no_grad():
         again = objective.loss(model, _replay(batch, state), ctx)["ce"]

@@ -60,9 +60,14 @@ class CifarResNet(nn.Module):
 
     Args:
         num_blocks: BasicBlocks per stage; ``(5, 5, 5)`` is ResNet-32 (6n+2 layers, n=5).
+        zero_init_residual: start the last BN of every block at γ = 0 (Goyal et al.), so each
+            block begins as the identity; off by default (LDAM-DRW's init). An init, not an
+            architecture: the same weights load either way.
     """
 
-    def __init__(self, num_blocks: tuple[int, int, int]) -> None:
+    def __init__(
+        self, num_blocks: tuple[int, int, int], *, zero_init_residual: bool = False
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -77,6 +82,10 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.feature_dim: int = in_planes
         self.apply(_kaiming_init)
+        if zero_init_residual:
+            for stage in stages:
+                for block in stage:
+                    nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -86,16 +95,16 @@ class CifarResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
 
 
-def resnet32() -> CifarResNet:
+def resnet32(*, zero_init_residual: bool = False) -> CifarResNet:
     """ResNet-32 for 32x32 inputs: 3 stages of 5 BasicBlocks, a 64-d pooled feature (~0.46M)."""
-    return CifarResNet((5, 5, 5))
+    return CifarResNet((5, 5, 5), zero_init_residual=zero_init_residual)
 
 
-def resnet20() -> CifarResNet:
+def resnet20(*, zero_init_residual: bool = False) -> CifarResNet:
     """ResNet-20 (n=3), the smaller member of the same family."""
-    return CifarResNet((3, 3, 3))
+    return CifarResNet((3, 3, 3), zero_init_residual=zero_init_residual)
 
 
-def resnet8() -> CifarResNet:
+def resnet8(*, zero_init_residual: bool = False) -> CifarResNet:
     """ResNet-8 (n=1): about 4x cheaper than ResNet-32, for smoke runs on CPUs."""
-    return CifarResNet((1, 1, 1))
+    return CifarResNet((1, 1, 1), zero_init_residual=zero_init_residual)
