@@ -3,14 +3,20 @@ data and ImageNet-pretrained ResNet-152 weights.
 
 Generalist: ResNet-152 initialised from ImageNet weights the user supplies as a torchvision-
 layout state dict (``.safetensors`` / ``.pt``; the original uses OLTR's Caffe weights, convert
-them first) named by ``$RAY_LT_RESNET152_WEIGHTS``; SGD 0.9, lr 0.01, batch 32, wd 5e-4,
-StepLR x0.1 every 10 epochs, best val top-1 with patience 15, seed 5021. Experts: many
-[100, inf) num_learnable -1 open 16, medium [20, 100) 3 -> 2 here open 8, few [0, 20) 3 -> 2
-open 8, all StepLR 10 / 0.1 with patience 15. Calibration as on ImageNet-LT.
+them first) named by ``$RAY_LT_RESNET152_WEIGHTS``, plus a new Linear 2048 -> 512 + ReLU after
+pooling (``fc512``, as the original adds); SGD 0.9, lr 0.01, batch 32, wd 5e-4, StepLR x0.1
+every 10 epochs, best val top-1 with patience 15, seed 5021. Experts: many [100, inf)
+num_learnable -1 open 16, medium [20, 100) 3 (classifier + FC + layer4) open 8, few [0, 20) 3
+open 8, all StepLR 10 / 0.1 with patience 15. Calibration as on ImageNet-LT. Shot groups: many
+>= 100 training images (``DataSpec.many_inclusive``, CBE's rule: 132 / 162 / 71 classes, not
+131 / 163 / 71).
+
+BatchNorm of the experts' frozen parts: ``bn="official"`` (they re-estimate their statistics on
+the expert's data, as the original code does) and ``bn="frozen"`` (ray-lt's default); the
+second row retrains only the medium and few experts.
 
 Training images get RandomResizedCrop 224 + flip + ColorJitter(0.4, 0.4, 0.4)
-(``rrc_flip_jitter``), streamed through Ray Data at 224 px. One difference remains: no 512-d FC
-after pooling (the paper's num_learnable k >= 3 is our k - 1).
+(``rrc_flip_jitter``), streamed through Ray Data at 224 px.
 
     RAY_LT_RESNET152_WEIGHTS=/path/resnet152.safetensors RAY_LT_DATA=/data \
         python -m ray_lt.sweep experiments/cbe_places_lt.py
@@ -22,6 +28,7 @@ tiny tree in the Places-LT format at 32 px, inline on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -40,7 +47,7 @@ from ray_lt.recipes.large import (
 )
 from ray_lt.spec import StageSpec, TrainSpec
 
-DATA = DataSpec(name="places_lt")
+DATA = DataSpec(name="places_lt", many_inclusive=True)
 SEED = 5021
 WEIGHTS_ENV = "RAY_LT_RESNET152_WEIGHTS"
 TRAIN = TrainSpec(
@@ -69,11 +76,13 @@ def pipeline(config: dict[str, Any], smoke: bool = False) -> StageSpec:
         config["seed"],
         splits=SMOKE_CBE_SPLITS if smoke else SPLITS,
         open_ratio=(16.0, 8.0, 8.0),
-        num_learnable=(-1, 2, 2),
+        num_learnable=(-1, 3, 3),
         calibration=config["calibration"],
-        data=smoke_data("places_lt") if smoke else DATA,
+        data=dataclasses.replace(smoke_data("places_lt"), many_inclusive=True) if smoke else DATA,
         backbone="resnet152",
         backbone_kwargs={"weights_path": weights_path()},
+        fc512=True,
+        update_frozen_bn=config.get("bn", "official") == "official",
         generalist_train=SMOKE if smoke else TRAIN,
         expert_train=SMOKE if smoke else TRAIN,
         calibration_train=SMOKE_CALIBRATION if smoke else CIFAR_CALIBRATION,
@@ -87,7 +96,10 @@ def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
 experiment = Experiment(
     name="cbe_places_lt",
     pipeline=pipeline,
-    param_space={"calibration": tune.grid_search(["full", "prior", "none"])},
+    param_space={
+        "calibration": tune.grid_search(["full", "prior", "none"]),
+        "bn": tune.grid_search(["official", "frozen"]),
+    },
     search="grid",
     seeds=(SEED,),
     max_concurrent_trials=1,

@@ -4,7 +4,14 @@ ResNeXt-50 (32x4d) from scratch in every stage. Stage I: 135 epochs, batch 256, 
 without warm-up, wd 5e-4, MLP 2048 -> 2048 -> 128, queue 115,712 (452 x 256), tau 0.2, m 0.999,
 MoCo-v2 key view with Gaussian blur. Stage II: LWS, 5 epochs, batch 512, lr 0.2, cosine,
 class-aware sampling (2 per class visit). Stage III: 135 epochs as stage I, T = 2, CE : KD 1 : 1.
-Rows: the method with and without the final LWS fine-tune of the hard head.
+BatchNorm of the frozen networks as in the official code (``bn="official"``): stage II and the
+fine-tune re-estimate the frozen encoder's running statistics on their class-balanced batches,
+and stage III's teacher runs in train mode (batch statistics).
+Rows: the method with and without the final LWS fine-tune of the hard head, each with
+``bn="official"`` and with ray-lt's ``bn="frozen"`` (eval statistics everywhere, its CIFAR
+default). The second setting costs one more stage III (plus two 5-epoch LWS stages): stage
+I does not depend on it and is trained once; a trial without the fine-tune reuses the stage III
+of the trial with it.
 
 The weak view is RandomResizedCrop 224 + flip + ColorJitter(0.4, 0.4, 0.4) (``rrc_flip_jitter``).
 ImageNet-LT at 224 px streams through Ray Data: the CPU decoder takes the random resized crop from
@@ -64,6 +71,7 @@ def pipeline(config: dict[str, Any]) -> StageSpec:
         train=TRAIN,
         lws_train=LWS_TRAIN,
         queue_size=QUEUE,
+        bn=config.get("bn", "official"),
     )
 
 
@@ -74,7 +82,10 @@ def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
 experiment = Experiment(
     name="ssd_lt_imagenet_lt",
     pipeline=pipeline,
-    param_space={"finetune": tune.grid_search([False, True])},
+    param_space={
+        "finetune": tune.grid_search([False, True]),
+        "bn": tune.grid_search(["official", "frozen"]),
+    },
     search="grid",
     seeds=(0,),
     max_concurrent_trials=1,

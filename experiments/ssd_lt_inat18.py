@@ -5,6 +5,10 @@ usual convention and are unverified: ResNet-50 from scratch in every stage, the 
 settings (135 epochs, batch 256, lr 0.1, cosine, wd 5e-4, T = 2, CE : KD 1 : 1), the MoCo queue
 the largest multiple of 256 below the 437,513 training images, the weak view
 ``rrc_flip_jitter``. The test split is the official val2018 set; iNat18 has no validation split.
+BatchNorm of the frozen networks as in the official ImageNet-LT code (``bn="official"``: the LWS
+stages re-estimate the frozen encoder's statistics, stage III's teacher runs in train mode).
+ray-lt's own setting (``bn="frozen"``) is one more stage III on 437k images, so it is not a row
+here: add "frozen" to ``BN_MODES`` to run it too (the ImageNet-LT file measures the difference).
 
     RAY_LT_DATA=/data python -m ray_lt.sweep experiments/ssd_lt_inat18.py
     # /data/iNat18/{train2018,val2018}.json with train_val2018/ beside them
@@ -44,6 +48,7 @@ LWS_TRAIN = TRAIN.replace(
     epochs=5, batch_size=512, lr=0.2, sampler="class_aware", sampler_params={"k": 2}
 )
 QUEUE = 437_504  # 1709 x 256 <= 437,513 training images
+BN_MODES = ["official"]  # add "frozen" for ray-lt's eval-mode BatchNorms as a second row
 
 
 def pipeline(config: dict[str, Any]) -> StageSpec:
@@ -54,6 +59,7 @@ def pipeline(config: dict[str, Any]) -> StageSpec:
         train=TRAIN,
         lws_train=LWS_TRAIN,
         queue_size=QUEUE,
+        bn=config.get("bn", "official"),
     )
 
 
@@ -64,7 +70,10 @@ def smoke_pipeline(config: dict[str, Any]) -> StageSpec:
 experiment = Experiment(
     name="ssd_lt_inat18",
     pipeline=pipeline,
-    param_space={"finetune": tune.grid_search([False, True])},
+    param_space={
+        "finetune": tune.grid_search([False, True]),
+        "bn": tune.grid_search(BN_MODES),
+    },
     search="grid",
     metric=METRIC,
     seeds=(0,),

@@ -2,9 +2,12 @@
 
 Shot groups follow the long-tail literature (Liu et al., OLTR; classifier-balancing ``shot_acc``):
 many > 100 training images, medium 20-100, few < 20, computed from the per-class *training*
-counts. A group accuracy is the mean of its classes' per-class accuracies (classes absent from the
-evaluated labels are skipped). An empty group gives NaN and a warning, never 0, so a table can
-never show a made-up number.
+counts. ``many_inclusive=True`` moves a class with exactly ``many_threshold`` images into many
+(many >= 100), the rule CBE's code and reports use; a dataset asks for it with
+``DataSpec.many_inclusive``, so every stage's metrics and the report follow one rule. A group
+accuracy is the mean of its classes' per-class accuracies (classes absent from the evaluated
+labels are skipped). An empty group gives NaN and a warning, never 0, so a table can never show
+a made-up number.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ GROUP_NAMES = ("many", "medium", "few")
 
 
 def shot_groups(
-    train_counts: np.ndarray, many_threshold: int = 100, few_threshold: int = 20
+    train_counts: np.ndarray,
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+    *,
+    many_inclusive: bool = False,
 ) -> np.ndarray:
     """Group id per class: 0 many (> many_threshold), 2 few (< few_threshold), 1 medium.
 
@@ -26,10 +33,12 @@ def shot_groups(
         train_counts: training images per class, shape [C].
         many_threshold: a class with more images than this is many-shot.
         few_threshold: a class with fewer images than this is few-shot.
+        many_inclusive: a class with exactly ``many_threshold`` images is many-shot too.
     """
     counts = np.asarray(train_counts)
     groups = np.full(counts.shape, MEDIUM, dtype=np.int64)
-    groups[counts > many_threshold] = MANY
+    many = counts >= many_threshold if many_inclusive else counts > many_threshold
+    groups[many] = MANY
     groups[counts < few_threshold] = FEW
     return groups
 
@@ -62,6 +71,8 @@ def shot_accuracy(
     train_counts: np.ndarray,
     many_threshold: int = 100,
     few_threshold: int = 20,
+    *,
+    many_inclusive: bool = False,
 ) -> dict[str, float]:
     """Overall (per sample), many, medium and few top-1 accuracy as fractions in [0, 1].
 
@@ -71,6 +82,7 @@ def shot_accuracy(
         train_counts: training images per class; fixes the class count and the groups.
         many_threshold: see :func:`shot_groups`.
         few_threshold: see :func:`shot_groups`.
+        many_inclusive: see :func:`shot_groups`.
     """
     preds = np.asarray(preds).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
@@ -84,7 +96,9 @@ def shot_accuracy(
     else:
         out["overall"] = float((preds == labels).mean())
     acc = per_class_accuracy(preds, labels, num_classes)
-    groups = shot_groups(train_counts, many_threshold, few_threshold)
+    groups = shot_groups(
+        train_counts, many_threshold, few_threshold, many_inclusive=many_inclusive
+    )
     for gid, name in enumerate(GROUP_NAMES):
         out[name] = _nanmean_or_nan(acc[groups == gid], f"the {name}-shot group")
     return out

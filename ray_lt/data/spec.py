@@ -30,7 +30,7 @@ CACHE_SIZE = 4
 #: Where a dataset's pixels live while a stage trains (``DataSpec.placement``).
 PLACEMENTS = ("auto", "device", "stream")
 # DataSpec fields added after stores existed: hashed into a key only when not at the default.
-_LATER_FIELDS = {"image_size": 224, "placement": "auto"}
+_LATER_FIELDS = {"image_size": 224, "placement": "auto", "many_inclusive": False}
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class DataSpec:
     from split lists (``imagenet_lt``, ``places_lt``, ``inat18``): ``placement="auto"`` keeps a
     dataset on the device when its pixels at ``image_size`` fit ``DEVICE_BYTES_LIMIT`` and streams
     it through Ray Data otherwise; ``"device"`` or ``"stream"`` force the choice.
+    ``many_inclusive`` counts a class with exactly 100 training images as many-shot (CBE's
+    rule) instead of medium (the usual one); it changes only the reported shot groups, but it
+    enters the stage key because a stage's artifact stores its metrics.
     """
 
     name: str = "synthetic_lt"
@@ -54,6 +57,7 @@ class DataSpec:
     val_per_class: int = 20
     image_size: int = 224
     placement: str = "auto"
+    many_inclusive: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -89,6 +93,10 @@ class DataSpec:
             raise ConfigError(
                 f"DataSpec.placement must be one of {', '.join(PLACEMENTS)}, got "
                 f"{self.placement!r}"
+            )
+        if not isinstance(self.many_inclusive, bool):
+            raise ConfigError(
+                f"DataSpec.many_inclusive must be True or False, got {self.many_inclusive!r}"
             )
         if self.seed >= 2**32:
             raise ConfigError(f"DataSpec.seed must be < 2**32 (a NumPy seed), got {self.seed}")
@@ -187,6 +195,8 @@ class LTDataset:
     # the same path on every node) and the square crop decoded for the model.
     image_root: str = ""
     image_size: int = 0
+    # The shot-group rule of ``DataSpec.many_inclusive``, for the metrics of every stage on it.
+    many_inclusive: bool = False
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -237,6 +247,8 @@ def load_dataset(spec: DataSpec, root: str | os.PathLike[str] | None = None) -> 
             _cache.move_to_end(key)
             return _cache[key]
     dataset = builder(spec, key[1])
+    if spec.many_inclusive:
+        dataset = dataclasses.replace(dataset, many_inclusive=True)
     if spec.placement == "stream" and not dataset.train.streamed:
         raise ConfigError(
             f"dataset '{spec.name}' is decoded in memory and cannot stream; placement='stream' "

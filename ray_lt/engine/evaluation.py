@@ -90,19 +90,25 @@ def evaluate_splits(
     }
 
 
-def _eval_metrics(logits: torch.Tensor, split: Split, counts: np.ndarray) -> dict[str, float]:
+def _eval_metrics(
+    logits: torch.Tensor, split: Split, counts: np.ndarray, many_inclusive: bool
+) -> dict[str, float]:
     with warnings.catch_warnings():  # an empty shot group is NaN by design, every epoch
         warnings.simplefilter("ignore", RuntimeWarning)
-        return shot_accuracy(logits.argmax(1).numpy(), split.labels, counts)
+        preds = logits.argmax(1).numpy()
+        return shot_accuracy(preds, split.labels, counts, many_inclusive=many_inclusive)
 
 
-def split_metrics(out: SplitOutputs, split: Split, counts: np.ndarray) -> dict[str, float]:
-    """Shot-group accuracies of the primary logits and of every ``logits_<head>`` extra."""
-    metrics = _eval_metrics(out.logits, split, counts)
+def split_metrics(
+    out: SplitOutputs, split: Split, counts: np.ndarray, many_inclusive: bool = False
+) -> dict[str, float]:
+    """Shot-group accuracies of the primary logits and of every ``logits_<head>`` extra
+    (``many_inclusive``: the dataset's shot rule, ``LTDataset.many_inclusive``)."""
+    metrics = _eval_metrics(out.logits, split, counts, many_inclusive)
     for name, value in out.extras.items():
         if name.startswith(HEAD_PREFIX):
             head = name[len(HEAD_PREFIX) :]
-            scored = _eval_metrics(value, split, counts)
+            scored = _eval_metrics(value, split, counts, many_inclusive)
             metrics.update({f"{head}_{k}": v for k, v in scored.items()})
     return metrics
 
@@ -113,6 +119,6 @@ def eval_metrics(outputs: dict[str, SplitOutputs], data: LTDataset) -> dict[str,
     metrics: dict[str, float] = {}
     for name, out in outputs.items():
         prefix = "" if name == "test" else f"{name}_"
-        scored = split_metrics(out, splits[name], counts)
+        scored = split_metrics(out, splits[name], counts, data.many_inclusive)
         metrics.update({f"{prefix}{k}": v for k, v in scored.items()})
     return metrics

@@ -47,7 +47,8 @@ def export(
     for name, split_out in outputs.items():
         table = _table(splits[name], split_out, spec.train.export_features)
         pq.write_table(table, out / "tables" / f"{name}.parquet")
-        results[name] = split_metrics(split_out, splits[name], data.class_counts)
+        counts = data.class_counts
+        results[name] = split_metrics(split_out, splits[name], counts, data.many_inclusive)
     pq.write_table(_per_class(outputs["test"], data), out / "tables" / "per_class.parquet")
     for name, table in objective.export_tables(model, ctx).items():
         pq.write_table(table, out / "tables" / f"{name}.parquet")
@@ -80,7 +81,9 @@ def _per_class(test: SplitOutputs, data: LTDataset) -> pa.Table:
     per_class = {
         "class": pa.array(np.arange(data.num_classes, dtype=np.int64)),
         "train_count": pa.array(np.asarray(counts, dtype=np.int64)),
-        "group": pa.array([GROUP_NAMES[g] for g in shot_groups(counts)]),
+        "group": pa.array(
+            [GROUP_NAMES[g] for g in shot_groups(counts, many_inclusive=data.many_inclusive)]
+        ),
         "accuracy": pa.array(_class_acc(test.logits, data).astype(np.float64)),
     }
     for name, value in test.extras.items():

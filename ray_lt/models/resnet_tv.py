@@ -3,7 +3,8 @@
 Why it exists: the ImageNet-LT / iNat / Places recipes of the seed methods (docs/methods/) use
 torchvision-layout ResNets: ResNet-10 for CBE, ResNet-50/101/152 for CBD, ResNeXt-50 32x4d for
 SSD-LT. Each builder returns the torchvision model with ``fc`` replaced by ``nn.Identity`` so it
-yields pooled features, and a ``feature_dim`` attribute. Keeping the torchvision module names means
+yields pooled features (or, with ``fc512``, by CBE's Linear -> 512 + ReLU), and a
+``feature_dim`` attribute. Keeping the torchvision module names means
 torchvision-format state dicts load unchanged. It must never download anything (workers are often
 offline): pretrained weights come only from a local file the user names.
 """
@@ -46,8 +47,16 @@ TORCHVISION_ARCHS: dict[str, Callable[..., tv.ResNet]] = {
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
+#: Width of CBE's extra fully connected layer after pooling (``fc512``).
+FC512 = 512
+
+
 def torchvision_backbone(
-    arch: str, *, zero_init_residual: bool = False, weights_path: str | None = None
+    arch: str,
+    *,
+    zero_init_residual: bool = False,
+    weights_path: str | None = None,
+    fc512: bool = False,
 ) -> nn.Module:
     """A torchvision ResNet without its classifier: forward gives pooled ``[B, feature_dim]``.
 
@@ -57,6 +66,9 @@ def torchvision_backbone(
             CBD's backbones do this).
         weights_path: a local ``.safetensors`` / ``.pt`` / ``.pth`` state dict in torchvision
             layout to start from; ``fc.*`` keys are ignored. ``None`` keeps the random init.
+        fc512: put Linear(width -> 512) + ReLU after pooling, as ``fc`` (CBE's backbones have
+            it, and CBE's ``num_learnable`` counts it); the feature is then 512-d. It is always
+            freshly initialised: pretrained files carry no such layer.
     """
     if arch not in TORCHVISION_ARCHS:
         known = ", ".join(TORCHVISION_ARCHS)
@@ -64,6 +76,9 @@ def torchvision_backbone(
     model = TORCHVISION_ARCHS[arch](zero_init_residual=bool(zero_init_residual))
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
+    if fc512:
+        model.fc = nn.Sequential(nn.Linear(feature_dim, FC512), nn.ReLU(inplace=True))
+        feature_dim = FC512
     model.feature_dim = feature_dim
     if weights_path is not None:
         load_backbone_weights(model, weights_path)
@@ -119,7 +134,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = model.state_dict()
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -137,4 +152,6 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
             f"weights file '{path}' does not fit this backbone: {'; '.join(parts)}; "
             "save the state dict of the same architecture"
         )
-    model.load_state_dict(state, strict=True)
+    # strict but for ``fc.*``: an ``fc512`` layer keeps its fresh initialisation
+    missing_fc = model.load_state_dict(state, strict=False).missing_keys
+    assert all(k.startswith("fc.") for k in missing_fc), missing_fc

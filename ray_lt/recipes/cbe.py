@@ -9,6 +9,11 @@ pipeline builder: generalist -> experts -> logits -> calibration.
   has no FC512: 2 = classifier + layer3, the counterpart of the paper's medium setting 3).
 - Calibration: the original's, lr 0.1, momentum 0.9, wd 5e-4, batch 256, lr x0.1 every 30
   epochs (capped at 200), patience 30 on val accuracy, on the val split's logits.
+- Options of the original code, off here because it has no CIFAR recipe (the ImageNet-LT and
+  Places-LT experiment files turn them on): ``fc512`` (Linear -> 512 + ReLU after pooling; the
+  CIFAR ResNets do not offer it) and ``update_frozen_bn`` (frozen BatchNorms re-estimate their
+  statistics). Ablations: ``open_class=False`` (experts without the open output) and
+  ``include_generalist=True`` (the extended ensemble).
 
 Nothing here imports Ray.
 """
@@ -105,20 +110,31 @@ def expert(
     open_ratio: float = OPEN_RATIO,
     num_learnable: int = -1,
     train: TrainSpec = CIFAR_EXPERT,
+    update_frozen_bn: bool = False,
+    open_class: bool = True,
 ) -> StageSpec:
-    """One expert stage; its key depends on its own settings and the generalist only."""
+    """One expert stage; its key depends on its own settings and the generalist only.
+
+    Options enter the params only where they change the expert, so every other key stays:
+    ``update_frozen_bn`` when something is frozen (``num_learnable != -1``), ``open_class``
+    when False (the open ratio and the draws' seed then mean nothing and are left out).
+    """
+    params: dict[str, Any] = {"low": low, "high": high}
+    if open_class:
+        params.update(open_ratio=float(open_ratio))
+    params["num_learnable"] = int(num_learnable)
+    if open_class:
+        params["open_seed"] = seed
+    else:
+        params["open_class"] = False
+    if update_frozen_bn and num_learnable != -1:
+        params["update_frozen_bn"] = True
     return StageSpec(
         kind="cbe_expert",
         name=f"expert_{low}_{'inf' if high is None else high}",
         data=generalist.data,
         train=train.replace(seed=seed),
-        params={
-            "low": low,
-            "high": high,
-            "open_ratio": float(open_ratio),
-            "num_learnable": int(num_learnable),
-            "open_seed": seed,
-        },
+        params=params,
         inputs={"generalist": generalist},
     )
 
@@ -137,6 +153,10 @@ def cbe(
     generalist_train: TrainSpec = CIFAR_CE,
     expert_train: TrainSpec | Sequence[TrainSpec] = CIFAR_EXPERT,
     calibration_train: TrainSpec = CIFAR_CALIBRATION,
+    fc512: bool = False,
+    update_frozen_bn: bool = False,
+    open_class: bool = True,
+    include_generalist: bool = False,
 ) -> StageSpec:
     """The final ``cbe_calibrate`` stage of a CBE pipeline.
 
@@ -148,6 +168,13 @@ def cbe(
         routing: "fused", or "oracle" (each image scored by its true split's expert).
         backbone_kwargs: e.g. ``{"weights_path": ...}`` for a pretrained generalist.
         expert_train: one TrainSpec, or one per expert.
+        fc512: the original backbone's Linear -> 512 + ReLU after pooling (torchvision
+            backbones); ``num_learnable`` 2 then means classifier + that FC.
+        update_frozen_bn: the original code's frozen BatchNorms that still re-estimate their
+            statistics on the expert's data (default: they keep the generalist's).
+        open_class: False is the ablation of experts without an open output.
+        include_generalist: True is the extended ensemble: the generalist's logits are
+            calibrated jointly with the experts' and multiply into the fused prediction.
     """
     if isinstance(splits, str):
         splits = splits_from_thresholds(splits)
@@ -159,17 +186,21 @@ def cbe(
         n,
         "expert_train",
     )
+    backbone_kwargs = {**(backbone_kwargs or {}), **({"fc512": True} if fc512 else {})}
     if backbone_kwargs:
         generalist = StageSpec(
             kind="ce",
             data=data,
             train=generalist_train.replace(seed=seed),
-            params={"backbone": backbone, "backbone_kwargs": dict(backbone_kwargs)},
+            params={"backbone": backbone, "backbone_kwargs": backbone_kwargs},
         )
     else:
         generalist = baseline("ce", seed, data=data, ce_train=generalist_train, backbone=backbone)
+    options = {"update_frozen_bn": update_frozen_bn, "open_class": open_class}
     experts = {
-        f"expert{i}": expert(generalist, low, high, seed, open_ratio=r, num_learnable=k, train=t)
+        f"expert{i}": expert(
+            generalist, low, high, seed, open_ratio=r, num_learnable=k, train=t, **options
+        )
         for i, ((low, high), r, k, t) in enumerate(
             zip(splits, ratios, learnable, trains, strict=True)
         )
@@ -182,12 +213,15 @@ def cbe(
         inputs={"generalist": generalist, **experts},
     )
     train = calibration_train if calibration == "full" else EVAL_ONLY
+    params: dict[str, Any] = {"calibration": calibration, "routing": routing}
+    if include_generalist:
+        params["include_generalist"] = True
     return StageSpec(
         kind="cbe_calibrate",
-        name=f"calibrate_{calibration}_{routing}",
+        name=f"calibrate_{calibration}_{routing}" + ("_extended" if include_generalist else ""),
         data=data,
         train=train.replace(seed=seed),
-        params={"calibration": calibration, "routing": routing},
+        params=params,
         inputs={"logits": logits},
     )
 
@@ -212,13 +246,17 @@ def generalist(seed: int, *, smoke: bool = False) -> StageSpec:
     return baseline("ce", seed)
 
 
+# Trial-config keys ``cbe_from_config`` passes to ``cbe`` as they are.
+CONFIG_OPTIONS = ("calibration", "routing", "open_class", "include_generalist", "update_frozen_bn")
+
+
 def cbe_from_config(config: dict[str, Any], *, smoke: bool = False, **recipe: Any) -> StageSpec:
     """A CBE pipeline from a flat trial config (the keys of ``search_spaces/cbe.py``).
 
     Keys: ``seed``; optional ``thresholds`` ("20,100"), ``open_ratio_<k>`` and
     ``num_learnable_<k>`` per expert (k = 0 is the highest split; missing ones take the
     recipe's defaults, extra ones beyond the number of experts are ignored), ``calibration``,
-    ``routing``.
+    ``routing``, ``open_class``, ``include_generalist``, ``update_frozen_bn``.
     """
     if "thresholds" in config:
         recipe["splits"] = splits_from_thresholds(config["thresholds"])
@@ -228,7 +266,7 @@ def cbe_from_config(config: dict[str, Any], *, smoke: bool = False, **recipe: An
     recipe["num_learnable"] = [
         int(config.get(f"num_learnable_{k}", defaults[k])) for k in range(n)
     ]
-    for key in ("calibration", "routing"):
+    for key in CONFIG_OPTIONS:
         if key in config:
             recipe[key] = config[key]
     build = cbe_smoke if smoke else cbe

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray_lt.data.spec import DataSpec
+from ray_lt.errors import ConfigError
 from ray_lt.recipes import cbd
 from ray_lt.recipes.ssd_lt import ssd_lt
 from ray_lt.spec import Resources, StageSpec, TrainSpec
@@ -48,9 +49,19 @@ def smoke_data(name: str, placement: str = "auto") -> DataSpec:
 # (for SSD-LT) the backbone and queue differ between datasets.
 
 
-def cbd_ens(config: dict[str, Any], *, data: DataSpec, train: TrainSpec) -> StageSpec:
+def cbd_ens(
+    config: dict[str, Any],
+    *,
+    data: DataSpec,
+    train: TrainSpec,
+    zero_init_residual: bool = True,
+) -> StageSpec:
     """CBD_ENS at ImageNet scale (the paper's): ResNet-50 teachers and student, cosine heads
-    with a fixed scale of 20, alpha 0.4, beta 100; the student samples class-balanced."""
+    with a fixed scale of 20, alpha 0.4, beta 100; the student samples class-balanced.
+
+    ``zero_init_residual`` (on, as in the official ResNets) starts the last BatchNorm of every
+    residual block at γ = 0; ``False`` keeps torchvision's γ = 1.
+    """
     return cbd(
         config["teachers"],
         config["seed"],
@@ -61,7 +72,15 @@ def cbd_ens(config: dict[str, Any], *, data: DataSpec, train: TrainSpec) -> Stag
         student_train=train.replace(sampler="class_balanced"),
         backbone="resnet50",
         scale=20.0,
+        zero_init_residual=zero_init_residual,
     )
+
+
+#: SSD-LT's BatchNorm modes of frozen networks, as ``ssd_lt``'s ``lws_bn`` / ``teacher_bn``.
+SSD_BN: dict[str, dict[str, str]] = {
+    "official": {"lws_bn": "batch", "teacher_bn": "train"},
+    "frozen": {"lws_bn": "frozen", "teacher_bn": "eval"},
+}
 
 
 def ssd_lt_large(
@@ -72,12 +91,20 @@ def ssd_lt_large(
     train: TrainSpec | None = None,
     lws_train: TrainSpec | None = None,
     queue_size: int = 0,
+    bn: str = "official",
 ) -> StageSpec:
     """SSD-LT at ImageNet scale (the paper's): MLP 2048, T = 2, MoCo-v2 key view with blur.
 
     With ``train`` None it is the smoke variant: ``SMOKE_TRAIN`` with the weak view
     ``rrc_flip_jitter``, a 32-entry queue and the blur-free key view (32 px).
+
+    Args:
+        bn: a key of ``SSD_BN``: "official" (the official code: both LWS stages re-estimate the
+            frozen encoder's BatchNorm statistics, the stage-III teacher runs in train mode) or
+            "frozen" (ray-lt's CIFAR default: frozen statistics, teacher in eval mode).
     """
+    if bn not in SSD_BN:
+        raise ConfigError(f"ssd_lt_large bn '{bn}' is unknown; use one of {sorted(SSD_BN)}")
     smoke = train is None
     if smoke:
         train = SMOKE_TRAIN.replace(augment="rrc_flip_jitter")
@@ -94,4 +121,5 @@ def ssd_lt_large(
         feature_train=train,
         lws_train=lws_train,
         distill_train=train,
+        **SSD_BN[bn],
     )

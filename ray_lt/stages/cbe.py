@@ -10,19 +10,24 @@ Decisions the paper leaves open, for the experts:
 
 - Split rule: a class belongs to an expert iff ``low <= train count < high`` (``high=None`` is
   infinity), so a class with exactly 100 images is a many-shot expert's class. This is CBE's
-  rule, kept apart from the report's many/medium/few groups (``ray_lt.metrics``).
+  rule, kept apart from the report's many/medium/few groups (``ray_lt.metrics``: many > 100
+  unless the data spec sets ``many_inclusive=True``, as CBE's ImageNet-LT / Places-LT files do).
 - The expert's data view (``prepare_data``): in-split labels re-indexed 0..S-1 in increasing
   global-class order, one "open" label S. Train: every in-split image plus
   ``floor(N_split / open_ratio)`` out-of-split images drawn once, uniformly, without
   replacement, with ``numpy.random.default_rng([open_seed, 0])``. Val and test: every in-split
   image plus as many out-of-split images (fewer if there are fewer), drawn with streams 1 and 2,
   so the expert's own accuracy (open predictions count) selects its epoch.
-- ``num_learnable``: -1 trains everything; k >= 1 trains the classifier and the last k - 1
-  residual stages (CIFAR ResNet-32: layer3, layer2, layer1; torchvision: layer4 .. layer1); the
-  stem trains only with -1. Our backbones have no 512-d FC after pooling, so the paper's "2 =
-  classifier + FC" has no counterpart: the paper's k >= 3 is our k - 1. Frozen parts keep their
+- ``num_learnable``: -1 trains everything. On a backbone with CBE's 512-d FC after pooling
+  (``fc512``, torchvision backbones), the original's meaning: 1 the classifier, 2 classifier +
+  FC, k >= 3 also the last k - 2 residual stages. Without that FC (CIFAR ResNets, or
+  ``fc512=False``) there is nothing for "2" to add, so k >= 1 trains the classifier and the last
+  k - 1 stages (CIFAR ResNet-32: layer3, layer2, layer1; torchvision: layer4 .. layer1): the
+  original's k >= 3 is k - 1 there. The stem trains only with -1. Frozen parts keep their
   BatchNorm statistics (eval mode) unless ``update_frozen_bn=True`` reproduces the original
   code, where frozen BatchNorms still re-estimate statistics on the expert's data.
+- ``open_class=False`` (an ablation): no open output and no open images in any split; the
+  expert has S outputs and sees only its own classes.
 """
 
 from __future__ import annotations
@@ -76,7 +81,12 @@ def _draw(candidates: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
 
 
 def expert_view(
-    data: LTDataset, low: int, high: int | None, open_ratio: float, seed: int
+    data: LTDataset,
+    low: int,
+    high: int | None,
+    open_ratio: float,
+    seed: int,
+    open_class: bool = True,
 ) -> LTDataset:
     """The expert's dataset: its classes re-indexed 0..S-1 plus an open class S (module doc).
 
@@ -85,6 +95,7 @@ def expert_view(
         low, high: the split rule ``low <= count < high``.
         open_ratio: in-split training images per open image (> 0).
         seed: the draws' seed (train stream 0, val 1, test 2).
+        open_class: False drops the open class: S labels, in-split images only.
     """
     mask = check_split(data.class_counts, low, high, data.name)
     classes = np.flatnonzero(mask)
@@ -97,15 +108,24 @@ def expert_view(
         inside = mask[split.labels]
         own = np.flatnonzero(inside)
         n_open = math.floor(len(own) / open_ratio) if name == "train" else len(own)
+        n_open = n_open if open_class else 0
         rows = np.concatenate([own, _draw(np.flatnonzero(~inside), n_open, seed, stream)])
         splits[name] = Split(
             images=np.ascontiguousarray(split.images[rows]),
             labels=remap[split.labels[rows]].astype(np.int64),
             source_index=split.source_index[rows].astype(np.int64),
         )
-    names = [data.class_names[c] for c in classes] + ["open"]
+    names = [data.class_names[c] for c in classes] + (["open"] if open_class else [])
     name = f"{data.name}:expert{span(low, high)}"
-    return LTDataset(name, s + 1, names, **splits, mean=data.mean, std=data.std)
+    return LTDataset(
+        name,
+        len(names),
+        names,
+        **splits,
+        mean=data.mean,
+        std=data.std,
+        many_inclusive=data.many_inclusive,
+    )
 
 
 def _stages(backbone: nn.Module) -> list[nn.Module]:
@@ -113,25 +133,39 @@ def _stages(backbone: nn.Module) -> list[nn.Module]:
     return [children[n] for n in STAGE_NAMES if n in children]
 
 
+def feature_fc(backbone: nn.Module) -> nn.Module | None:
+    """CBE's FC after pooling (``fc512``) when the backbone has one, else None."""
+    fc = dict(backbone.named_children()).get("fc")
+    return fc if fc is not None and any(True for _ in fc.parameters()) else None
+
+
+def learnable_parts(backbone: nn.Module) -> list[nn.Module]:
+    """What k = 2, 3, ... add to the classifier, in order: the FC (if any), then the stages
+    top-down, so ``num_learnable`` k trains the classifier and the first k - 1 of them."""
+    fc = feature_fc(backbone)
+    return ([fc] if fc is not None else []) + _stages(backbone)
+
+
 def check_num_learnable(backbone: nn.Module, num_learnable: int) -> list[nn.Module]:
-    """The backbone's residual stages, top-down; an error when ``num_learnable`` exceeds them."""
-    stages = _stages(backbone)
-    if num_learnable > len(stages) + 1:
+    """The parts ``num_learnable`` unfreezes, in order; an error when it exceeds them."""
+    parts = learnable_parts(backbone)
+    if num_learnable > len(parts) + 1:
+        fc = " + FC" if feature_fc(backbone) is not None else ""
         raise ConfigError(
             f"cbe_expert num_learnable={num_learnable} exceeds this backbone's "
-            f"{len(stages)} stages + classifier; use -1 or 1..{len(stages) + 1}"
+            f"{len(_stages(backbone))} stages{fc} + classifier; use -1 or 1..{len(parts) + 1}"
         )
-    return stages
+    return parts
 
 
 def apply_num_learnable(model: LTModel, num_learnable: int) -> None:
-    """Freeze by ``num_learnable`` (module doc): -1 all, k >= 1 head + last k - 1 stages."""
+    """Freeze by ``num_learnable`` (module doc): -1 all, k >= 1 head + the first k - 1 parts."""
     if num_learnable == -1:
         return
-    stages = check_num_learnable(model.backbone, num_learnable)
+    parts = check_num_learnable(model.backbone, num_learnable)
     freeze(model.backbone)
-    for stage in stages[: num_learnable - 1]:
-        for p in stage.parameters():
+    for part in parts[: num_learnable - 1]:
+        for p in part.parameters():
             p.requires_grad_(True)
 
 
@@ -143,6 +177,7 @@ class CBEExpertParams:
     num_learnable: int = -1
     open_seed: int = 0  # seeds the open draws (train, val, test)
     update_frozen_bn: bool = False  # True: the original code's frozen-but-updating BatchNorms
+    open_class: bool = True  # False: the ablation without CBE's open (reject) output
 
     def __post_init__(self) -> None:
         if isinstance(self.low, bool) or not isinstance(self.low, int) or self.low < 0:
@@ -169,7 +204,8 @@ class CBEExpertParams:
 
 @OBJECTIVES.register("cbe_expert")
 class CBEExpert(Objective):
-    """An expert over one class split plus an open class, fine-tuned from the generalist."""
+    """An expert over one class split plus an open class (unless ``open_class=False``),
+    fine-tuned from the generalist."""
 
     version = "1"
     Params = CBEExpertParams
@@ -184,7 +220,7 @@ class CBEExpert(Objective):
     def prepare_data(self, data: LTDataset, inputs) -> LTDataset:
         self.validate(data.class_counts)
         p = self.params
-        return expert_view(data, p.low, p.high, p.open_ratio, p.open_seed)
+        return expert_view(data, p.low, p.high, p.open_ratio, p.open_seed, p.open_class)
 
     def build(self, ctx: StageContext) -> nn.Module:
         backbone = rebuild_input(ctx, "generalist", keep_head=False)
@@ -199,7 +235,7 @@ class CBEExpert(Objective):
         return ce_terms(model, batch)
 
     def rebuild(self, weights, num_classes: int, *, keep_head: bool = True) -> nn.Module:
-        """The generalist's backbone with this expert's linear head (its S + 1 outputs)."""
+        """The generalist's backbone with this expert's linear head (S + 1 outputs, or S)."""
         generalist = make_objective(need_input(self.spec, "generalist", HINT))
         backbone = generalist.rebuild(None, num_classes, keep_head=False)
         model = LTModel(backbone, linear_head(backbone.feature_dim, num_classes), num_classes)

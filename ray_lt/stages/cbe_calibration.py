@@ -12,6 +12,14 @@ calibrate stage also exports the oracle as a second head (``oracle_overall``...)
 ``routing="oracle"`` makes it the primary prediction (the report's oracle row). Its shot groups
 come from the real training counts, not from its train rows (the val split, 20 per class): the
 view sets ``LTDataset.train_counts`` to the original counts.
+
+``include_generalist=True`` is the extended ensemble: the generalist's C logits (the
+``cbe_logits`` tables' ``logits`` column) become one more calibrated block, after the expert
+blocks, with its own per-logit a and b; the fused log-probability adds its log-softmax to the
+experts' fused one and renormalises (a product of the two distributions, so the calibration can
+weigh the generalist down by shrinking its scales). The oracle head stays experts-only, the
+diagnostic of routing alone. An expert trained without an open class (``open_class=False``)
+has no open slot: its block is its S class logits and no prior offset applies.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ ROUTINGS = ("fused", "oracle")
 class CBECalibrateParams:
     calibration: str = "full"  # "full" | "prior" (offset only) | "none" (raw fusion)
     routing: str = "fused"  # "fused" | "oracle" (each image to its true split's expert)
+    include_generalist: bool = False  # True: the extended ensemble (experts + generalist)
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
@@ -60,10 +69,17 @@ class Layout:
     names: list[str]
     masks: np.ndarray  # bool [K, C]
     open_ratios: np.ndarray  # float [K]
+    open_class: np.ndarray | None = None  # bool [K]; None: every expert has an open slot
+
+    @property
+    def has_open(self) -> list[bool]:
+        if self.open_class is None:
+            return [True] * len(self.names)
+        return [bool(o) for o in self.open_class]
 
     @property
     def widths(self) -> list[int]:
-        return [int(m.sum()) + 1 for m in self.masks]
+        return [int(m.sum()) + int(o) for m, o in zip(self.masks, self.has_open, strict=True)]
 
 
 def read_layout(up: UpstreamArtifact, num_classes: int) -> Layout:
@@ -81,7 +97,11 @@ def read_layout(up: UpstreamArtifact, num_classes: int) -> Layout:
             f"classes exactly once; classes covered 0 or >1 times: "
             f"{np.flatnonzero(cover != 1)[:10].tolist()}; fix the expert thresholds"
         )
-    return Layout(list(t["name"]), masks, np.asarray(t["open_ratio"], dtype=np.float64))
+    # artifacts from before the no-open ablation have no column: all their experts had one
+    open_class = np.asarray(t.get("open_class", [True] * len(t["name"])), dtype=bool)
+    return Layout(
+        list(t["name"]), masks, np.asarray(t["open_ratio"], dtype=np.float64), open_class
+    )
 
 
 def _column(table: pa.Table, name: str, width: int, where: str) -> np.ndarray:
@@ -114,9 +134,15 @@ def check_order(table: pa.Table, split: Split, where: str, split_name: str) -> N
 
 
 def calibration_rows(
-    up: UpstreamArtifact, split: Split, split_name: str, layout: Layout, prior: bool
+    up: UpstreamArtifact,
+    split: Split,
+    split_name: str,
+    layout: Layout,
+    prior: bool,
+    generalist: bool = False,
 ) -> np.ndarray:
-    """float32 [N, D + K]: expert blocks (open logit + log((1+r)/2) if ``prior``), true expert."""
+    """float32 [N, D (+ C) + K]: expert blocks (open logit + log((1+r)/2) if ``prior``), the
+    generalist's logits if ``generalist``, then the true expert one-hot."""
     where = f"tables/{split_name}.parquet of input 'logits' ({up.key})"
     if split_name not in up.tables:
         raise ConfigError(
@@ -126,11 +152,14 @@ def calibration_rows(
     table = up.tables[split_name]
     check_order(table, split, where, split_name)
     blocks = []
-    for name, width, r in zip(layout.names, layout.widths, layout.open_ratios, strict=True):
+    members = zip(layout.names, layout.widths, layout.open_ratios, layout.has_open, strict=True)
+    for name, width, r, has_open in members:
         z = _column(table, name, width, where).astype(np.float32, copy=True)
-        if prior:
+        if prior and has_open:
             z[:, -1] += np.float32(math.log((1.0 + r) / 2.0))
         blocks.append(z)
+    if generalist:
+        blocks.append(_column(table, "logits", layout.masks.shape[1], where).astype(np.float32))
     expert_of = layout.masks.argmax(0)[split.labels]
     route = np.eye(len(layout.names), dtype=np.float32)[expert_of]
     return np.ascontiguousarray(np.concatenate([*blocks, route], axis=1), dtype=np.float32)
@@ -139,17 +168,20 @@ def calibration_rows(
 class CalibrationModel(nn.Module):
     """Per-logit z' = a * z + b per expert block, then the fusion into log-probabilities over C.
 
-    Input rows: ``[N, D + K]`` (``calibration_rows``); ``forward`` returns ``(z', log p)`` with
-    fused routing or, for ``routing="oracle"``, the true expert's classes only.
+    Input rows: ``[N, D + K]`` (``calibration_rows``), or ``[N, D + C + K]`` with the
+    generalist's block; ``forward`` returns ``(z', log p)`` with fused routing or, for
+    ``routing="oracle"``, the true expert's classes only.
     """
 
-    def __init__(self, layout: Layout, routing: str) -> None:
+    def __init__(self, layout: Layout, routing: str, generalist: bool = False) -> None:
         super().__init__()
         widths = layout.widths
         offsets = np.cumsum([0, *widths])
         self.bounds = [(int(offsets[k]), int(offsets[k + 1])) for k in range(len(widths))]
-        self.dim, self.routing = int(offsets[-1]), routing
         c = layout.masks.shape[1]
+        # the generalist's block, after the experts' (None: the experts-only ensemble)
+        self.general = (int(offsets[-1]), int(offsets[-1]) + c) if generalist else None
+        self.dim, self.routing = int(offsets[-1]) + (c if generalist else 0), routing
         expert_of = layout.masks.argmax(0)
         column = np.zeros(c, dtype=np.int64)
         for k, mask in enumerate(layout.masks):
@@ -159,16 +191,21 @@ class CalibrationModel(nn.Module):
         self.scale = nn.Parameter(torch.ones(self.dim))
         self.bias = nn.Parameter(torch.ones(self.dim))
 
-    def fuse(self, z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """log p over C: per-block softmax, open dropped, scattered, weighted, renormalised."""
+    def fuse(
+        self, z: torch.Tensor, weights: torch.Tensor, generalist: bool = False
+    ) -> torch.Tensor:
+        """log p over C: per-block softmax, open dropped, scattered, weighted, times the
+        generalist's softmax when asked (and it is a member), renormalised."""
         logq = torch.cat([F.log_softmax(z[:, s:e], dim=1) for s, e in self.bounds], dim=1)
         g = logq[:, self.column] + torch.log(weights)[:, self.expert_of]
+        if generalist and self.general is not None:
+            g = g + F.log_softmax(z[:, self.general[0] : self.general[1]], dim=1)
         return g - torch.logsumexp(g, dim=1, keepdim=True)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = x[:, : self.dim].float() * self.scale + self.bias
         route = x[:, self.dim :].float()
-        return z, self.fuse(z, torch.ones_like(route)), self.fuse(z, route)
+        return z, self.fuse(z, torch.ones_like(route), True), self.fuse(z, route)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, fused, oracle = self.heads(x)
@@ -203,9 +240,9 @@ class CBECalibrate(Objective):
         self.validate(data.class_counts)
         up = input_artifact(self.spec, inputs, "logits")
         layout = read_layout(up, data.num_classes)
-        prior = self.params.calibration != "none"
-        val = calibration_rows(up, data.val, "val", layout, prior)
-        test = calibration_rows(up, data.test, "test", layout, prior)
+        prior, general = self.params.calibration != "none", self.params.include_generalist
+        val = calibration_rows(up, data.val, "val", layout, prior, general)
+        test = calibration_rows(up, data.test, "test", layout, prior, general)
         return LTDataset(
             train_counts=data.class_counts,
             name=f"{data.name}:cbe_logits",
@@ -216,11 +253,13 @@ class CBECalibrate(Objective):
             test=Split(test, data.test.labels, data.test.source_index),
             mean=data.mean,
             std=data.std,
+            many_inclusive=data.many_inclusive,
         )
 
     def build(self, ctx: StageContext) -> nn.Module:
         up = input_artifact(self.spec, ctx.inputs, "logits")
-        return CalibrationModel(read_layout(up, ctx.num_classes), self.params.routing)
+        layout = read_layout(up, ctx.num_classes)
+        return CalibrationModel(layout, self.params.routing, self.params.include_generalist)
 
     def loss(self, model: nn.Module, batch: Batch, ctx: StageContext):
         _, logp = model(batch.x)

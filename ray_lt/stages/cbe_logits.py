@@ -5,7 +5,7 @@ weights are the generalist's (its primary logits); the experts are frozen helper
 the module tree, so the artifact does not copy their weights, which stay in their own artifacts.
 Tables: ``val`` / ``test`` with ``index``, ``label`` (global), ``logits`` (generalist) and one
 raw-logit column per expert input (``expert0``...); ``experts`` with each expert's thresholds,
-open ratio and class mask over the C global classes.
+open ratio, whether it has an open output, and class mask over the C global classes.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ class CBELogits(Objective):
         generalist = rebuild_input(ctx, "generalist")
         experts = {
             name: frozen_input(
-                ctx, name, num_classes=int(in_split(counts, p.low, p.high).sum()) + 1
+                ctx,
+                name,
+                num_classes=int(in_split(counts, p.low, p.high).sum()) + int(p.open_class),
             )
             for name, p in self._experts().items()
         }
@@ -114,6 +116,7 @@ class CBELogits(Objective):
             "low": pa.array([p.low for p in experts.values()], pa.int64()),
             "high": pa.array([p.high for p in experts.values()], pa.int64()),
             "open_ratio": [float(p.open_ratio) for p in experts.values()],
+            "open_class": [bool(p.open_class) for p in experts.values()],
             "class_mask": pa.array(masks, pa.list_(pa.bool_())),
         }
         return {"experts": pa.table(table)}
