@@ -1,10 +1,13 @@
-"""``python -m ray_lt.report FILE``: the experiment's ablation tables and per-class plot.
+"""``python -m ray_lt.report FILE``: the experiment's ablation tables, figures and HTML page.
 
 Reads the experiment's finished trial runs from MLflow (the same tracking URI the sweep used)
-and writes ``reports/<experiment>/table.{md,tex,csv}`` and ``per_class.png``; the Markdown table
-is also printed. Test-split numbers, mean ± std over seeds with the 95% confidence interval, best
-per column in bold, and a significance mark against the baseline row (the experiment's
-``baseline``, or ``--baseline key=value[,key=value]``).
+and writes ``reports/<experiment>/table.{md,tex,csv}``, the figures and ``index.html`` (one
+self-contained page); the Markdown table is also printed. Test-split numbers, mean ± std over
+seeds with the 95% confidence interval, best per column in bold, and a significance mark against
+the baseline row (the experiment's ``baseline``, or ``--baseline key=value[,key=value]``).
+``--stages`` adds a row per upstream stage; ``--front`` picks the Pareto figure's two metrics
+(default: a two-objective experiment's objectives, else overall vs few). docs/report.md says
+what every column and figure means.
 """
 
 from __future__ import annotations
@@ -40,10 +43,23 @@ def main(argv: list[str] | None = None) -> int:
         help="params of the row every other row is tested against, e.g. method=ce or "
         "optim/lr=0.05 (default: the experiment's baseline, if any)",
     )
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="add a row per upstream stage of the configurations (e.g. ce before crt)",
+    )
+    p.add_argument(
+        "--front",
+        default=None,
+        metavar="X,Y",
+        help="the Pareto figure's two metrics, e.g. overall,few (default: the experiment's two "
+        "objectives with 'val_' dropped, else overall,few when both were logged)",
+    )
     args = p.parse_args(argv)
     try:
         exp = load_experiment(args.file, smoke=args.smoke)
         baseline = parse_baseline(args.baseline) if args.baseline is not None else exp.baseline
+        front, modes = front_of(args.front, exp.metrics, exp.modes)
         uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
         report = build_report(
             uri,
@@ -54,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             else list(exp.report_metrics),
             smoke=args.smoke,
             baseline=baseline,
+            stages=args.stages,
+            front=front,
+            front_modes=modes,
         )
     except RayLtError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -62,6 +81,35 @@ def main(argv: list[str] | None = None) -> int:
     for kind, path in sorted(report.files.items()):
         print(f"wrote {kind}: {path}")
     return 0
+
+
+def front_of(
+    text: str | None, objectives: tuple[str, ...], modes: tuple[str, ...]
+) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+    """The Pareto figure's metrics and modes: ``--front``, else a two-objective experiment's.
+
+    The search optimises validation metrics (``val_overall``) while the report shows the test
+    split, so an objective's ``val_`` prefix is dropped: the figure is the test-split front of
+    what was searched. A one-objective experiment has no front of its own: None, and the
+    report draws overall vs few when both were logged. ``--front`` with other than two names
+    is an error (a front of one metric is just its column).
+    """
+    if text is not None:
+        names = tuple(m.strip() for m in text.split(",") if m.strip())
+        if len(names) != 2:
+            raise ConfigError(
+                f"--front {text!r} names {len(names)} metrics; a Pareto front needs two, "
+                "e.g. --front overall,few"
+            )
+        by_name = dict(zip((_test_name(o) for o in objectives), modes, strict=True))
+        return names, tuple(by_name.get(m, "max") for m in names)
+    if len(objectives) == 2:
+        return tuple(_test_name(o) for o in objectives), modes
+    return None, ("max", "max")
+
+
+def _test_name(metric: str) -> str:
+    return metric.removeprefix("val_")
 
 
 def parse_baseline(text: str) -> dict[str, str]:

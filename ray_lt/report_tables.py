@@ -40,7 +40,10 @@ def format_ci(lo: float, hi: float) -> str:
     return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _row_label(row: ReportRow) -> str:
+def row_label(row: ReportRow) -> str:
+    """The row's label as the tables print it: '(baseline)' or '(stage)' appended."""
+    if row.stage:
+        return f"{row.label} (stage)"
     return f"{row.label} (baseline)" if row.baseline else row.label
 
 
@@ -50,17 +53,19 @@ def _cell_list(cells: list[tuple[ReportRow, str]], everything: int) -> str:
         return ""
     by_row: dict[str, list[str]] = {}
     for row, metric in cells:
-        by_row.setdefault(_row_label(row), []).append(metric)
+        by_row.setdefault(row_label(row), []).append(metric)
     return "; ".join(f"{label}: {', '.join(ms)}" for label, ms in by_row.items())
 
 
-def _notes(report: Report) -> list[str]:
+def notes(report: Report) -> list[str]:
     """The seeds-per-row line and the footnotes (skipped, duplicate, artifact-less runs, cells
-    over fewer values than seeds or without an interval, the tests against the baseline)."""
-    counts = sorted({len(r.seeds) for r in report.rows})
-    per_row = "seeds per row: " + ", ".join(f"{r.label}: {len(r.seeds)}" for r in report.rows)
+    over fewer values than seeds or without an interval, the tests against the baseline, the
+    stage rows)."""
+    rows = report.all_rows
+    counts = sorted({len(r.seeds) for r in rows})
+    per_row = "seeds per row: " + ", ".join(f"{r.label}: {len(r.seeds)}" for r in rows)
     notes = [f"{_n(counts[0], 'seed')} per row." if len(counts) == 1 else per_row + "."]
-    cells = [(r, m) for r in report.rows for m in report.metrics if r.n[m] > 0]
+    cells = [(r, m) for r in rows for m in report.metrics if r.n[m] > 0]
     if fewer := [
         f"{r.label} {m}: {r.n[m]} of {len(r.seeds)}" for r, m in cells if r.n[m] < len(r.seeds)
     ]:
@@ -70,7 +75,7 @@ def _notes(report: Report) -> list[str]:
         notes.append(f"n = 1: no interval{f' ({which})' if which else ''}.")
     if report.baseline is not None:
         tests: dict[str, list[tuple[ReportRow, str]]] = {}
-        for r in report.rows:
+        for r in rows:
             for m, c in r.comparison.items():
                 tests.setdefault(c.test, []).append((r, m))
         total = sum(len(v) for v in tests.values())
@@ -87,21 +92,26 @@ def _notes(report: Report) -> list[str]:
         notes.append(f"Ignored {_n(report.duplicate_runs, 'older duplicate run')} of a seed.")
     if report.missing_per_class:
         notes.append(f"{_n(report.missing_per_class, 'run')} without {PER_CLASS_ARTIFACT}.")
-    return notes
+    if report.stage_rows:
+        notes.append(
+            "Rows marked (stage): upstream stages of these configurations, one value per stage "
+            "result and seed (a stage shared by trials counts once); never bold."
+        )
+    return notes + report.stage_notes
 
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _cells(
+def table_cells(
     report: Report,
     row: ReportRow,
-    dash: str,
-    pm: str,
     bold: str,
     ci: str,
     mark: Callable[[str], str],
+    dash: str = _DASH_MD,
+    pm: str = " ± ",
 ) -> list[str]:
     """The formatted metric cells of one row: 'mean ± std', its CI, its significance mark.
 
@@ -140,18 +150,25 @@ def _marks_caption(report: Report) -> str:
     return f"Marks: t-test of each row against the baseline ({base}): {MARKS_LEGEND}."
 
 
+def caption_lines(report: Report) -> list[str]:
+    """The caption and, with a baseline, the legend of the marks (plain text)."""
+    lines = [_caption(report)]
+    if report.baseline is not None:
+        lines.append(_marks_caption(report))
+    return lines
+
+
 def format_markdown(report: Report) -> str:
     """The Markdown table: title, caption, one row per configuration, seeds line, footnotes."""
-    caption = [_caption(report)]
-    if report.baseline is not None:  # '*' escaped: Markdown would read '**' as bold
-        caption.append(_marks_caption(report).replace("*", "\\*"))
+    # '*' escaped: Markdown would read '**' as bold
+    caption = [line.replace("*", "\\*") for line in caption_lines(report)]
     head = "| configuration | n | " + " | ".join(report.metrics) + " |\n|---|---:|"
     lines = [f"# {report.title}", "", *caption, "", head + "---:|" * len(report.metrics)]
-    for row in report.rows:
-        cells = _cells(report, row, _DASH_MD, " ± ", "**{}**", " {}", _md_mark)
-        label = _row_label(row).replace("|", chr(92) + "|")
+    for row in report.all_rows:
+        cells = table_cells(report, row, "**{}**", " {}", _md_mark)
+        label = row_label(row).replace("|", chr(92) + "|")
         lines.append(f"| {label} | {len(row.seeds)} | " + " | ".join(cells) + " |")
-    lines += ["", *_notes(report)]
+    lines += ["", *notes(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +183,7 @@ def latex_escape(text: str) -> str:
 
 def format_latex(report: Report) -> str:
     """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), the same cells as Markdown."""
-    notes = " ".join(latex_escape(n) for n in _notes(report))
+    footnotes = " ".join(latex_escape(n) for n in notes(report))
     metrics = " & ".join(latex_escape(m) for m in report.metrics)
     head = f"Configuration & $n$ & {metrics} \\\\"
     caption = latex_escape(_caption(report)).replace("±", "$\\pm$")
@@ -174,11 +191,11 @@ def format_latex(report: Report) -> str:
     if report.baseline is not None:
         lines.append(f"% {latex_escape(_marks_caption(report))}")
     tabular = "\\begin{tabular}{lr" + "c" * len(report.metrics) + "}"
-    lines += [f"% {notes}", tabular, "\\toprule", head, "\\midrule"]
-    for row in report.rows:
+    lines += [f"% {footnotes}", tabular, "\\toprule", head, "\\midrule"]
+    for row in report.all_rows:
         ci, bold = " {{\\scriptsize {}}}", "\\textbf{{{}}}"
-        cells = _cells(report, row, _DASH_TEX, " $\\pm$ ", bold, ci, _tex_mark)
-        label = f"{latex_escape(_row_label(row))} & {len(row.seeds)}"
+        cells = table_cells(report, row, bold, ci, _tex_mark, _DASH_TEX, " $\\pm$ ")
+        label = f"{latex_escape(row_label(row))} & {len(row.seeds)}"
         lines.append(label + " & " + " & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -196,7 +213,9 @@ def write_csv(report: Report, path: str | Path) -> Path:
     row) and per metric ``<m>_n`` (finite values), ``<m>_ci_lo``, ``<m>_ci_hi`` (95% interval of
     the mean), ``<m>_p``, ``<m>_test`` (welch/paired/none) and ``<m>_delta`` (mean minus the
     baseline's mean) of the test against the baseline row, empty for the baseline itself and
-    when no baseline was named. New columns go at the end, so older ones keep their position.
+    when no baseline was named, then ``stage`` (the stage's kind on a stage row of
+    ``--stages``, whose params are not in the ``param:`` columns; empty on a configuration).
+    New columns go at the end, so older ones keep their position.
 
     Args:
         report: the report to write.
@@ -208,21 +227,22 @@ def write_csv(report: Report, path: str | Path) -> Path:
     header += [f"{p}{m}{s}" for m in report.metrics for p, s in _CSV_STATS]
     header += [f"param:{k}" for k in param_keys]
     header += ["baseline"] + [f"{m}{s}" for m in report.metrics for s in _CSV_TESTS]
+    header.append("stage")
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
-        for r in report.rows:
+        for r in report.all_rows:
             line = [r.label, r.config_id, str(len(r.seeds))]
             for m in report.metrics:
                 best = "true" if report.best.get(m) == r.config_id else "false"
                 line += [_num(r.mean[m]), _num(r.std[m]), best]
-            line += [r.params.get(k, "") for k in param_keys]
+            line += [("" if r.stage else r.params.get(k, "")) for k in param_keys]
             line.append("true" if r.baseline else "false")
             for m in report.metrics:
                 c = r.comparison.get(m)
                 line += [str(r.n[m]), _num(r.ci_lo[m]), _num(r.ci_hi[m])]
                 line += ["", "", ""] if c is None else [_num(c.p), c.test, _num(c.delta)]
-            writer.writerow(line)
+            writer.writerow([*line, r.stage])
     return path
 
 

@@ -1,18 +1,20 @@
-"""Turn a sweep's MLflow trial runs into the ablation tables and plot a paper would print.
+"""Turn a sweep's MLflow trial runs into the ablation tables and figures a paper would print.
 
 Groups the ``ray_lt.role=trial`` runs by ``ray_lt.config_id`` and writes mean ± std over seeds,
 the 95% confidence interval of the mean and, when a baseline row is named, a significance mark
-from a t-test against it (``ray_lt.stats``) as Markdown, LaTeX (booktabs) and CSV, plus per-class
-accuracy from each run's ``per_class.parquet``, so no number is copied by hand and a missing one
-shows as a dash, never 0. It only reads the store (never creates runs, experiments or a sqlite
-file), and checks everything it can (metrics, the baseline) before it writes a file, so an error
-leaves an earlier report untouched. ``ray_lt/report.py`` is its CLI.
+from a t-test against it (``ray_lt.stats``) as Markdown, LaTeX (booktabs), CSV and one HTML
+page, plus figures (``report_figures.py``: Pareto front, shot groups, per-class accuracy from
+each run's ``per_class.parquet``, learning curves), so no number is copied by hand and a missing
+one shows as a dash, never 0. With ``stages=True`` the upstream stages of the configurations get
+rows of their own (``report_stages.py``). It only reads the store (never creates runs,
+experiments or a sqlite file), and checks everything it can (metrics, the baseline, the front,
+the stage tags) before it writes a file, so an error leaves an earlier report untouched.
+``ray_lt/report.py`` is its CLI.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -23,15 +25,18 @@ import numpy as np
 
 from ray_lt.errors import ConfigError, CorruptArtifactError, RayLtError
 from ray_lt.report_model import (
-    CI_LEVEL,
     DEFAULT_METRICS,
     PER_CLASS_ARTIFACT,
     PER_CLASS_COLUMNS,
     Report,
     ReportRow,
+    make_row,
 )
-from ray_lt.report_tables import format_latex, format_markdown, write_csv
-from ray_lt.stats import compare, mean_ci
+from ray_lt.report_model import nan_stats as _nan_stats
+from ray_lt.report_model import natural_key as _natural_key
+from ray_lt.report_stages import learning_curves, search_stage_runs, stage_rows
+from ray_lt.report_write import FigureInputs, write_report
+from ray_lt.stats import compare
 from ray_lt.tracking import flatten
 
 _FIX = "run `python -m ray_lt.sweep FILE` first (or pass --tracking-uri)"
@@ -47,8 +52,14 @@ def build_report(
     smoke: bool | None = None,
     title: str | None = None,
     baseline: Mapping[str, Any] | None = None,
+    stages: bool = False,
+    front: Sequence[str] | None = None,
+    front_modes: Sequence[str] = ("max", "max"),
 ) -> Report:
-    """Read the finished trial runs of an experiment and write table.{md,tex,csv} + per_class.png.
+    """Read the finished trial runs of an experiment and write its tables, figures and page.
+
+    Writes ``table.{md,tex,csv}``, ``index.html`` and the figures it has numbers for
+    (``pareto.png``, ``shot_groups.png``, ``per_class.png``, ``learning_curves.png``).
 
     Args:
         tracking_uri: MLflow tracking URI of the sweep, e.g. ``sqlite:////abs/path/mlflow.db``.
@@ -63,12 +74,14 @@ def build_report(
             key may also be the last part of a param name, ``lr`` for ``optim/lr``, when that is
             unambiguous). It must match exactly one row, else ``ConfigError`` before any file
             is written. None: no tests, no marks.
+        stages: add a row per upstream stage of the configurations (``report_stages.py``);
+            ``RayLtError`` when the runs predate the stage tags.
+        front: the two metrics of the Pareto figure; both must have been logged, else
+            ``ConfigError``. None: ``overall`` vs ``few``, drawn when both were logged.
+        front_modes: "max" / "min" per front metric.
     """
     metrics = list(metrics)
-    if mode not in ("max", "min"):
-        raise ConfigError(f"report mode must be 'max' or 'min', got {mode!r}; pass one of them")
-    if not metrics:
-        raise ConfigError("no metrics to tabulate; pass e.g. metrics=('few', 'overall')")
+    front_pair, modes = _check_args(metrics, mode, front, front_modes)
     client = _client(tracking_uri)
     runs = _trial_runs(client, tracking_uri, experiment_name, smoke)
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -78,33 +91,78 @@ def build_report(
         what = f"experiment '{experiment_name}'{which} in {tracking_uri}"
         raise RayLtError(f"no finished trial runs of {what}; {_FIX}")
     logged = sorted({k for r in finished for k in r.data.metrics})
+    _check_logged(metrics, logged, experiment_name)
+    front_pair = _front(front_pair, front is not None, logged, experiment_name)
+    extra = [m for m in (*DEFAULT_METRICS, *(front_pair or ())) if m not in metrics]
+    rows, duplicates = _rows(finished, metrics + list(dict.fromkeys(extra)))
+    base = None if baseline is None else _baseline_row(rows, baseline, experiment_name)
+    report = Report(experiment_name, rows, _best(rows, metrics, mode), 0, {}, "", metrics, mode)
+    stage_runs = search_stage_runs(client, finished[0].info.experiment_id)
+    if stages:
+        report.stage_rows, report.stage_notes = stage_rows(
+            client, stage_runs, rows, list(rows[0].values), experiment_name
+        )
+    if base is not None:
+        _compare(report.all_rows, base, metrics)
+    report.title, report.duplicate_runs = title or experiment_name, duplicates
+    report.baseline = None if base is None else base.config_id
+    report.skipped_runs = sum(skipped.values())
+    report.skipped_by_status = dict(sorted(skipped.items()))
+    inputs = FigureInputs(front=front_pair, front_modes=modes)
+    inputs.per_class, report.missing_per_class = _load_per_class(client, rows)
+    inputs.curve_metric, inputs.curves = learning_curves(client, stage_runs, rows)
+    return write_report(report, inputs, out_dir)
+
+
+def _check_args(
+    metrics: list[str], mode: str, front: Sequence[str] | None, front_modes: Sequence[str]
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The checks that need no store: mode, metrics, the front's shape; the front and modes."""
+    if mode not in ("max", "min"):
+        raise ConfigError(f"report mode must be 'max' or 'min', got {mode!r}; pass one of them")
+    if not metrics:
+        raise ConfigError("no metrics to tabulate; pass e.g. metrics=('few', 'overall')")
+    pair = tuple(front) if front is not None else ("overall", "few")
+    modes = tuple(front_modes)
+    if len(pair) != 2 or len(set(pair)) != 2:
+        raise ConfigError(
+            f"a Pareto front needs two different metrics, got {', '.join(pair) or 'none'}; "
+            "pass e.g. --front overall,few"
+        )
+    if len(modes) != 2 or any(m not in ("max", "min") for m in modes):
+        raise ConfigError(
+            f"front modes must be two of 'max'/'min', got {modes!r}; pass e.g. max,max"
+        )
+    return pair, modes  # type: ignore[return-value]
+
+
+def _check_logged(metrics: list[str], logged: list[str], experiment: str) -> None:
+    """Every table column was logged by some run, or is a standard group (a dash column)."""
     # a standard group may be absent everywhere (no few-shot classes): a column of dashes, also
     # for a second head's group ("soft_many") when that head was logged ("soft_overall")
     if unknown := [m for m in metrics if m not in logged and not _group_of_logged(m, logged)]:
         raise ConfigError(
             f"metric {unknown[0]!r} was not logged by any finished trial run of "
-            f"'{experiment_name}'; logged: {', '.join(logged) or 'none'}"
+            f"'{experiment}'; logged: {', '.join(logged) or 'none'}"
         )
-    rows, duplicates = _rows(finished, metrics)
-    base = None if baseline is None else _baseline_row(rows, baseline, experiment_name)
-    if base is not None:
-        _compare(rows, base, metrics)
-    best, n_skipped = _best(rows, metrics, mode), sum(skipped.values())
-    report = Report(experiment_name, rows, best, n_skipped, {}, "", metrics, mode)
-    report.title, report.duplicate_runs = title or experiment_name, duplicates
-    report.baseline = None if base is None else base.config_id
-    report.skipped_by_status = dict(sorted(skipped.items()))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    curves, report.missing_per_class = _load_per_class(client, rows)
-    if curves:
-        report.files["png"] = plot_per_class(report, curves, out / "per_class.png")
-    report.markdown = format_markdown(report)
-    for kind, text in (("md", report.markdown), ("tex", format_latex(report))):
-        report.files[kind] = out / f"table.{kind}"
-        report.files[kind].write_text(text, encoding="utf-8")
-    report.files["csv"] = write_csv(report, out / "table.csv")
-    return report
+
+
+def _front(
+    pair: tuple[str, str], asked: bool, logged: list[str], experiment: str
+) -> tuple[str, str] | None:
+    """The front to draw: an asked-for front must have both metrics logged (else an error);
+    the default one (overall vs few) is drawn only when both were."""
+    missing = [m for m in pair if m not in logged]
+    if not missing:
+        return pair
+    if not asked:
+        return None
+    raise ConfigError(
+        f"the Pareto front {pair[0]} vs {pair[1]} of '{experiment}' has no values for "
+        f"{' and '.join(repr(m) for m in missing)} (no finished trial run logged it; logged: "
+        f"{', '.join(logged) or 'none'}); pass --front with two logged metrics, e.g. "
+        "--front overall,few"
+    )
 
 
 def _group_of_logged(metric: str, logged: list[str]) -> bool:
@@ -152,21 +210,6 @@ def _trial_runs(client, tracking_uri: str, name: str, smoke: bool | None) -> lis
     return runs
 
 
-def _natural_key(text: str) -> list:
-    """Sort key in which '5' < '10' and '1e-3' < '0.01' (numbers compare as numbers)."""
-    parts = re.split(r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)", text)
-    return [float(p) if i % 2 else p for i, p in enumerate(parts)]
-
-
-def _nan_stats(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1) of the non-NaN values; std 0.0 for one, NaN for none."""
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    if arr.size == 0:
-        return math.nan, math.nan
-    return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size >= 2 else 0.0)
-
-
 def _rows(finished: list, metrics: list[str]) -> tuple[list[ReportRow], int]:
     """Group runs by config_id (newest run wins per seed) and compute per-metric statistics."""
     by_config: dict[str, dict[str, object]] = {}
@@ -190,13 +233,8 @@ def _rows(finished: list, metrics: list[str]) -> tuple[list[ReportRow], int]:
         order = sorted(seeds, key=_natural_key)
         runs = [seeds[s] for s in order]
         values = {m: [float(r.data.metrics.get(m, math.nan)) for r in runs] for m in metrics}
-        stats = {m: _nan_stats(v) for m, v in values.items()}
-        mean, std = ({m: st[i] for m, st in stats.items()} for i in (0, 1))
         run_ids = [r.info.run_id for r in runs]
-        row = ReportRow(cid, labels[cid], groups[cid], order, values, mean, std, run_ids)
-        for m, v in values.items():
-            row.n[m], _, _, row.ci_lo[m], row.ci_hi[m] = mean_ci(v, CI_LEVEL)
-        rows.append(row)
+        rows.append(make_row(cid, labels[cid], groups[cid], order, values, run_ids))
     rows.sort(key=lambda r: (_natural_key(r.label), r.config_id))
     return rows, duplicates
 
@@ -239,7 +277,8 @@ def _baseline_row(
 
 
 def _compare(rows: list[ReportRow], base: ReportRow, metrics: list[str]) -> None:
-    """Mark the baseline row and test every other row against it, metric by metric."""
+    """Mark the baseline row and test every other row (stage rows too) against it, metric by
+    metric."""
     for row in rows:
         row.baseline = row is base
         if row is not base:
@@ -320,34 +359,3 @@ def _load_per_class(client, rows: list[ReportRow]) -> tuple[dict[str, tuple], in
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-def plot_per_class(report: Report, curves: dict[str, tuple], path: str | Path) -> Path:
-    """Per-class accuracy (%) against training images per class (log x), one series per row.
-
-    Args:
-        report: the report whose rows name the series.
-        curves: config_id -> (train_count, accuracy) arrays over classes, as fractions.
-        path: destination PNG.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=120)
-    for row in (r for r in report.rows if r.config_id in curves):
-        counts, acc = curves[row.config_id]
-        order = np.argsort(counts, kind="stable")
-        ax.plot(counts[order], 100 * acc[order], marker="o", ms=3, lw=1, label=row.label)
-    ax.set_xscale("log")
-    ax.set_xlabel("training images per class (log scale)")
-    ax.set_ylabel("per-class accuracy (%), mean over seeds")
-    ax.set_title(f"{report.title}: per-class accuracy")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path

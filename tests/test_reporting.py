@@ -237,7 +237,7 @@ def test_csv_round_trips(report, store):
 
 
 def test_per_class_png_and_curves(report, store):
-    png = report.files["png"]
+    png = report.files["per_class"]
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000
     from mlflow import MlflowClient
@@ -258,7 +258,7 @@ def test_smoke_filter_and_label_fallback(store, tmp_path):
     rep = build_report(store["uri"], "quickstart", tmp_path, smoke=True, metrics=("overall",))
     assert [r.config_id for r in rep.rows] == ["cfg_s"]
     assert rep.rows[0].label == "tag label cfg_s"  # nothing varies: the tag label is used
-    assert rep.skipped_runs == 0 and "png" not in rep.files  # the smoke run has no per_class
+    assert rep.skipped_runs == 0 and "per_class" not in rep.files  # the smoke run has no per_class
     assert rep.missing_per_class == 1
     assert "1 seed per row." in rep.markdown
     both = build_report(store["uri"], "quickstart", tmp_path / "both", smoke=None, mode="min")
@@ -384,7 +384,7 @@ def test_csv_new_columns_after_the_old_ones(report, store):
     old += [c for m in METRICS for c in (f"{m}_mean", f"{m}_std", f"best_{m}")]
     old += ["param:optim/epochs", "param:optim/lr", "param:optim/wd"]
     new = [f"{m}_{s}" for m in METRICS for s in ("n", "ci_lo", "ci_hi", "p", "test", "delta")]
-    assert header == old + ["baseline"] + new
+    assert header == old + ["baseline"] + new + ["stage"]
     for line in lines:
         r = dict(zip(header, line, strict=True))
         assert r["baseline"] == "false"
