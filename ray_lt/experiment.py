@@ -23,6 +23,40 @@ from ray_lt.spec import Resources, StageSpec
 SEARCHES = ("optuna", "grid", "random")
 
 
+def check_objectives(metric: Any, mode: Any) -> None:
+    """One metric name, or a tuple of two or more distinct names for a Pareto search, each with
+    a mode ("max" / "min": one per metric, or one for all).
+
+    A one-name tuple is refused: it reads as a Pareto search but would run a single-objective
+    one, and a typo'd second name is better caught here than after a sweep's first epoch.
+    """
+    if isinstance(metric, str):
+        metrics: tuple[Any, ...] = (metric,)
+    elif isinstance(metric, (tuple, list)):
+        metrics = tuple(metric)
+        if len(metrics) < 2:
+            raise ConfigError(
+                f"metric {metric!r} names {len(metrics)} objective(s); a Pareto search needs two "
+                "or more, e.g. ('val_overall', 'val_few'); for one, write metric='val_overall'"
+            )
+    else:
+        raise ConfigError(f"metric {metric!r} must be a name or a tuple of names")
+    if any(not isinstance(m, str) or not m for m in metrics) or len(set(metrics)) < len(metrics):
+        raise ConfigError(
+            f"metric {metric!r} must hold distinct, non-empty names (reported keys such as "
+            "'val_overall'); list each once"
+        )
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    if len(modes) not in (1, len(metrics)):
+        raise ConfigError(
+            f"mode {mode!r} gives {len(modes)} modes for the {len(metrics)} metrics of "
+            f"{metric!r}; mode must be 'max' or 'min' for each metric (one per metric, or one "
+            "for all)"
+        )
+    if any(m not in ("max", "min") for m in modes):
+        raise ConfigError(f"mode {mode!r} must be 'max' or 'min' for each metric of {metric!r}")
+
+
 @dataclass(frozen=True)
 class Experiment:
     """What to run and how to search it.
@@ -32,14 +66,18 @@ class Experiment:
         pipeline: trial config (the sampled ``param_space`` plus ``seed``) -> final stage spec.
         param_space: Tune search space; constants are allowed beside ``tune.*`` domains.
         metric: what the search optimises (a reported key; validation metrics by default so
-            the test split is never used for selection); a tuple for a Pareto search.
-        mode: "max" / "min" per metric.
+            the test split is never used for selection); a tuple of two or more for a Pareto
+            search (docs/pareto.md).
+        mode: "max" / "min" per metric, or one for all.
         search: "optuna" (TPE, the default), "grid" (every combination) or "random".
         seeds: every configuration runs once per seed; tables show mean +- std over them.
         num_samples: configurations to try (optuna, random); grid repeats the grid this often.
         max_concurrent_trials: trials running at once.
-        scheduler: "asha" to stop poor trials early on the final stage's epochs, or None.
-        grace_period: epochs before ASHA may stop a trial.
+        scheduler: "asha" to stop poor trials early on the final stage's epochs (ASHA on one
+            metric, MO-ASHA on a tuple), or None. Off when a configuration runs with several
+            seeds under Optuna, and for a Pareto search with several seeds under any search:
+            one seed is never stopped while the others of its configuration go on.
+        grace_period: epochs of the final stage before ASHA may stop a trial.
         max_failures: retries of a trial whose process or node died (a lost spot instance);
             a failed configuration (a diverged loss, a bad config) is never retried.
         resources: per-worker resources of every stage unless a stage sets its own.
@@ -81,14 +119,7 @@ class Experiment:
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
             raise ConfigError(f"unknown search '{self.search}'; known: {', '.join(SEARCHES)}")
-        metrics = (self.metric,) if isinstance(self.metric, str) else tuple(self.metric)
-        modes = (self.mode,) if isinstance(self.mode, str) else tuple(self.mode)
-        if len(modes) == 1 and len(metrics) > 1:
-            modes = modes * len(metrics)
-        if len(modes) != len(metrics) or any(m not in ("max", "min") for m in modes):
-            raise ConfigError(
-                f"mode {self.mode!r} must be 'max' or 'min' for each metric of {self.metric!r}"
-            )
+        check_objectives(self.metric, self.mode)
         if not self.seeds:
             raise ConfigError("seeds is empty; give at least one, e.g. seeds=(0,)")
         if self.num_samples < 1 or self.max_concurrent_trials < 1:

@@ -16,6 +16,8 @@ The rung rule, for a trial reaching a rung where ``n`` vectors (its own included
   trials continue: the same cut as ASHA's, without a quantile of too few points.
 
 Decisions use only the vectors recorded at that rung so far, so trials may report in any order.
+A result that arrives after its trial was removed, errored or completed (a buffered report) is
+ignored: the trial no longer runs, so it neither continues nor takes a place at a rung.
 State is saved as JSON, never pickled: nothing here unpickles data read from a store.
 """
 
@@ -114,6 +116,7 @@ class MultiObjectiveASHA(FIFOScheduler):
 
     A result lacking any metric or ``time_attr`` (an epoch that did not evaluate), holding a
     non-finite value, or carrying ``ray_lt_error`` is ignored: CONTINUE, nothing recorded.
+    ``stopped()`` says which trials it stopped and when (the sweep tags them in MLflow).
     """
 
     def __init__(
@@ -143,6 +146,8 @@ class MultiObjectiveASHA(FIFOScheduler):
         # One dict per rung: trial id -> objective vector, in arrival order.
         self._rungs: list[dict[str, tuple[float, ...]]] = [{} for _ in self._milestones]
         self._live: set[str] = set()
+        self._gone: set[str] = set()  # removed, errored or completed: late results are ignored
+        self._stopped: dict[str, float] = {}  # trial id -> the time it was stopped at
         self._num_stopped = 0
 
     @property
@@ -156,6 +161,14 @@ class MultiObjectiveASHA(FIFOScheduler):
     @property
     def milestones(self) -> list[float]:
         return list(self._milestones)
+
+    @property
+    def num_stopped(self) -> int:
+        return self._num_stopped
+
+    def stopped(self) -> dict[str, float]:
+        """The trials this scheduler stopped: trial id -> the ``time_attr`` value it stopped at."""
+        return dict(self._stopped)
 
     def records(self) -> dict[float, dict[str, tuple[float, ...]]]:
         """A copy of what each rung recorded: milestone -> trial id -> objective vector."""
@@ -176,17 +189,22 @@ class MultiObjectiveASHA(FIFOScheduler):
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         self._live.add(trial.trial_id)
+        self._gone.discard(trial.trial_id)  # a trial Tune restarts (a retry) runs again
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
-        self._live.discard(trial.trial_id)
+        self._leave(trial.trial_id)
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
-        self._live.discard(trial.trial_id)
+        self._leave(trial.trial_id)
+
+    def _leave(self, trial_id: str) -> None:
+        self._live.discard(trial_id)
+        self._gone.add(trial_id)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         """Record the trial at the rung it just reached and decide there; CONTINUE otherwise."""
         point = self._point(result)
-        if point is None:
+        if point is None or trial.trial_id in self._gone:
             return TrialScheduler.CONTINUE
         time = result[self._time_attr]
         keep = self._record(trial.trial_id, time, point)
@@ -194,6 +212,7 @@ class MultiObjectiveASHA(FIFOScheduler):
             keep = False  # budget spent, not pruned
         if not keep:
             self._num_stopped += 1
+            self._stopped[trial.trial_id] = float(time)
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
@@ -202,9 +221,9 @@ class MultiObjectiveASHA(FIFOScheduler):
     ) -> None:
         """A finished trial's last result still counts at its rung, as in ASHA."""
         point = self._point(result) if result else None
-        if point is not None:
+        if point is not None and trial.trial_id not in self._gone:
             self._record(trial.trial_id, result[self._time_attr], point)
-        self._live.discard(trial.trial_id)
+        self._leave(trial.trial_id)
 
     def _point(self, result: dict[str, Any]) -> tuple[float, ...] | None:
         """The result's objective vector, or None when the result cannot be ranked."""
@@ -256,6 +275,7 @@ class MultiObjectiveASHA(FIFOScheduler):
             "version": STATE_VERSION,
             "config": self._config(),
             "num_stopped": self._num_stopped,
+            "stopped": self._stopped,
             "rungs": [[[tid, list(p)] for tid, p in rung.items()] for rung in self._rungs],
         }
         tmp = f"{checkpoint_path}.tmp"
@@ -275,6 +295,7 @@ class MultiObjectiveASHA(FIFOScheduler):
             state, len(self._milestones), len(self._metrics), checkpoint_path
         )
         self._num_stopped = state["num_stopped"]
+        self._stopped = _parse_stopped(state, checkpoint_path)
 
 
 def _read_state(path: str) -> dict[str, Any]:
@@ -318,3 +339,17 @@ def _valid_record(entry: Any, n_metrics: int) -> bool:
         and len(values) == n_metrics
         and all(_finite_number(v) for v in values)
     )
+
+
+def _parse_stopped(state: dict[str, Any], path: str) -> dict[str, float]:
+    """The stopped trials of a loaded state (absent from files written before it was kept)."""
+    stopped = state.get("stopped", {})
+    ok = isinstance(stopped, dict) and all(
+        isinstance(k, str) and _finite_number(v) for k, v in stopped.items()
+    )
+    if not ok:
+        raise ArtifactError(
+            f"MultiObjectiveASHA state {path} has a malformed 'stopped' record; "
+            "restore a file written by MultiObjectiveASHA.save"
+        )
+    return {k: float(v) for k, v in stopped.items()}

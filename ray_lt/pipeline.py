@@ -76,10 +76,11 @@ def ensure_stage(
         found = store.lookup(key)  # finished by another trial while we took the lock
         if found is not None:
             return StageOutcome(spec, found, reused=True)
+        to_tune = ctx.report_to_tune and is_final
         if ctx.in_process or spec.resources.inline or _in_trial(spec):
-            train_stage_in_process(spec, store, ctx)
+            train_stage_in_process(spec, store, ctx, report_to_tune=to_tune)
         else:
-            train_stage(spec, store, ctx, report_to_tune=ctx.report_to_tune and is_final)
+            train_stage(spec, store, ctx, report_to_tune=to_tune)
         artifact = store.lookup(key)
         if artifact is None:
             raise RayLtError(f"stage {spec.name} ({key}) finished but left no valid artifact")
@@ -221,12 +222,16 @@ def upstream(store: ArtifactStore, inputs: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def train_stage_in_process(spec: StageSpec, store: ArtifactStore, ctx: TrialContext) -> None:
+def train_stage_in_process(
+    spec: StageSpec, store: ArtifactStore, ctx: TrialContext, *, report_to_tune: bool = False
+) -> None:
     """The same engine and objective in this process (no Ray): checkpoints under _train/<key>.
 
     Used for ``TrialContext.in_process`` (benchmarks, debugging), for ``in_trial`` objectives
     (CBE's calibration), which are cheap and CPU-only by contract, and for stages with
     ``Resources(num_workers=0)`` (tiny stages, where a worker group's start would dominate).
+    With ``report_to_tune`` (a trial's final stage) each epoch's report also goes to Tune, as a
+    ``TorchTrainer`` stage's does, so the sweep's scheduler sees the epochs of every final stage.
     """
     from ray_lt.data import load_dataset
     from ray_lt.engine import LocalSession, StageRun, run_stage
@@ -244,13 +249,38 @@ def train_stage_in_process(spec: StageSpec, store: ArtifactStore, ctx: TrialCont
         out_dir=out_dir,
     )
     device = ctx.in_process or "cpu"  # in_trial stages: cheap by contract, no GPU needed
-    session = LocalSession(device, checkpoint_dir=os.path.join(train_dir, spec.key))
+    session: Any = LocalSession(device, checkpoint_dir=os.path.join(train_dir, spec.key))
+    if report_to_tune:
+        session = TuneReportingSession(session)
     try:
         summary = run_stage(run, session)
         _raise_if_nonfinite(spec, summary)
         store.put(spec.key, out_dir)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+class TuneReportingSession:
+    """A ``LocalSession`` inside a Tune trial that also hands each epoch's metrics to Tune
+    (without the checkpoint: the stage resumes from its own, under _train/<key>)."""
+
+    def __init__(self, local: Any) -> None:
+        self.local = local
+        self.world_rank = local.world_rank
+        self.world_size = local.world_size
+        self.device = local.device
+
+    def wrap_model(self, model: Any) -> Any:
+        return self.local.wrap_model(model)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        self.local.report(metrics, checkpoint_dir)
+        tune.report(dict(metrics))
+
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        return self.local.last_checkpoint()
 
 
 def stage_worker(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The sweep's closing summary: one line per trial, and the exit code.
 
 A trial is OK (its whole pipeline finished), ERROR (its configuration failed, with the cause),
-STOP (stopped early by ASHA; only when ASHA ran) or ENDED (it ended without finishing).
+STOP (stopped early by ASHA or MO-ASHA; only when one ran) or ENDED (it ended without finishing).
 """
 
 from __future__ import annotations
@@ -14,21 +14,18 @@ from ray_lt.errors import ERROR_KEY, RayLtError
 from ray_lt.experiment import Experiment
 from ray_lt.tracking import Tracker
 from ray_lt.trial import TRIAL_INDEX
-from ray_lt.tuning import uses_asha
+from ray_lt.tuning import scheduler_name, uses_asha
 
 
 def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:
     """Print one line per trial; exit 0 when at least one trial finished."""
-    metric = exp.metrics[0]
     asha = uses_asha(exp)
-    legend = "; STOP = stopped early by ASHA" if asha else ""
-    print(
-        f"\nsweep '{exp.name}': {len(results)} trials (metric {metric}, mode {exp.modes[0]}"
-        f"{legend})"
-    )
+    legend = f"; STOP = stopped early by {scheduler_name(exp)}" if asha else ""
+    objectives = ", ".join(f"{m} ({mode})" for m, mode in zip(exp.metrics, exp.modes, strict=True))
+    print(f"\nsweep '{exp.name}': {len(results)} trials (metric {objectives}{legend})")
     ok = 0
     for result in results:
-        line, finished = _trial_line(exp, result, metric, asha)
+        line, finished = _trial_line(exp, result, asha)
         ok += finished
         print(line)
     try:
@@ -45,11 +42,11 @@ def summarize(exp: Experiment, results: Any, tracking_uri: str) -> int:
     return 0
 
 
-def _trial_line(exp: Experiment, result: Any, metric: str, asha: bool) -> tuple[str, bool]:
-    """One summary line, and whether the trial finished with a metric."""
+def _trial_line(exp: Experiment, result: Any, asha: bool) -> tuple[str, bool]:
+    """One summary line (every objective's value), and whether the trial finished with one."""
     metrics = result.metrics or {}
     cfg = {k: v for k, v in (result.config or {}).items() if not k.startswith("__")}
-    value = metrics.get(metric)
+    value = metrics.get(exp.metrics[0])
     failed = metrics.get(ERROR_KEY)
     # a trial's last report carries "artifact" only when its whole pipeline finished
     if result.error or failed:
@@ -58,12 +55,16 @@ def _trial_line(exp: Experiment, result: Any, metric: str, asha: bool) -> tuple[
         status = "OK"
     else:
         status = "STOP" if asha else "ENDED"  # stopped by ASHA, or ended without finishing
-    shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else value
     reason = f"  ({str(result.error).splitlines()[-1][:160]})" if result.error else ""
     reason = f"  ({failed[:300]})" if failed else reason
     cfg.pop("seed", None)
-    line = f"  {status:5s} {metric}={shown}  seed={_seed_of(exp, result)} {cfg}{reason}"
+    shown = "  ".join(f"{m}={_shown(metrics.get(m))}" for m in exp.metrics)
+    line = f"  {status:5s} {shown}  seed={_seed_of(exp, result)} {cfg}{reason}"
     return line, result.error is None and value is not None
+
+
+def _shown(value: Any) -> Any:
+    return f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else value
 
 
 def _seed_of(exp: Experiment, result: Any) -> Any:

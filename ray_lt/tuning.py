@@ -3,10 +3,17 @@
 Optuna TPE by default, repeated once per seed with the mean shown to it; grid and random
 through Tune's variant generator; ASHA on the final stage's epochs where it cannot bias what
 the searcher sees. Failed configurations reach the searcher as failed trials
-(``searchers.py``).
+(``searchers.py``). A Pareto search (a tuple of metrics) uses Optuna's multi-objective TPE and
+``MultiObjectiveASHA``, whose stops are printed at the end and tagged on the trials' MLflow runs
+(docs/pareto.md).
 """
 
 from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ray.tune import Callback
 
 from ray_lt.artifacts import ArtifactStore
 from ray_lt.errors import ConfigError
@@ -24,7 +31,6 @@ def build_tuner(
 ):
     """The Tune ``Tuner`` for this experiment (search algorithm, scheduler, storage)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from ray_lt.searchers import FailureAwareLimiter, SeedRepeater
@@ -33,13 +39,7 @@ def build_tuner(
     single = len(exp.metrics) == 1
     num_samples = exp.num_samples
     if exp.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        searcher = OptunaSearch(
-            metric=exp.metrics[0] if single else list(exp.metrics),
-            mode=exp.modes[0] if single else list(exp.modes),
-            seed=0,
-        )
+        searcher = optuna_searcher(exp)
         if len(exp.seeds) > 1:
             searcher = SeedRepeater(searcher, repeat=len(exp.seeds), set_index=True)
             num_samples *= len(exp.seeds)
@@ -49,18 +49,12 @@ def build_tuner(
         search_alg = BasicVariantGenerator(
             max_concurrent=exp.max_concurrent_trials, random_state=0
         )
-    scheduler = None
-    if exp.scheduler == "asha" and exp.search == "optuna" and len(exp.seeds) > 1:
-        print(
-            "ray-lt: ASHA is off: each configuration runs once per seed and Optuna sees the mean"
-        )
-    if uses_asha(exp):
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=final_epochs + 1,  # never stop at the last epoch: the trial still reports
-            grace_period=min(exp.grace_period, final_epochs),
-            reduction_factor=2,
-        )
+    if exp.scheduler == "asha" and not uses_asha(exp):
+        print(f"ray-lt: {scheduler_name(exp)} is off: {_why_no_asha(exp)}")
+    scheduler = make_scheduler(exp, final_epochs) if uses_asha(exp) else None
+    callbacks = []
+    if not single and scheduler is not None:
+        callbacks.append(StoppedTrials(scheduler, setup.tracking_uri, exp.name))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"CPU": cpus_per_trial}
     )
@@ -81,16 +75,68 @@ def build_tuner(
         storage_path=store.uri.rstrip("/") + "/_tune",
         name=exp.name,
         failure_config=tune.FailureConfig(max_failures=exp.max_failures),
+        callbacks=callbacks,
         verbose=1,
     )
     return trainable, space, tune_config, run_config
 
 
+def optuna_searcher(exp: Experiment) -> Any:
+    """Optuna's TPE on one metric, or its multi-objective TPE on a tuple of metrics (TPE splits
+    the observed trials by non-dominated rank there instead of by a quantile of one value)."""
+    from optuna.samplers import TPESampler
+    from ray.tune.search.optuna import OptunaSearch
+
+    if len(exp.metrics) == 1:
+        return OptunaSearch(metric=exp.metrics[0], mode=exp.modes[0], seed=0)
+    return OptunaSearch(metric=list(exp.metrics), mode=list(exp.modes), sampler=TPESampler(seed=0))
+
+
+def make_scheduler(exp: Experiment, final_epochs: int) -> Any:
+    """ASHA on one metric, MO-ASHA on several, over the final stage's epochs. ``max_t`` lies past
+    the last epoch, so no trial is stopped at it: the trial still has its final report to make."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from ray_lt.moasha import MultiObjectiveASHA
+
+    grace = max(1, min(exp.grace_period, final_epochs))
+    if len(exp.metrics) == 1:
+        return ASHAScheduler(
+            time_attr="epoch", max_t=final_epochs + 1, grace_period=grace, reduction_factor=2
+        )
+    return MultiObjectiveASHA(
+        metrics=exp.metrics,
+        modes=exp.modes,
+        time_attr="epoch",
+        max_t=max(final_epochs + 1, grace),
+        grace_period=grace,
+        reduction_factor=2,
+    )
+
+
 def uses_asha(exp: Experiment) -> bool:
-    """ASHA runs on single-objective sweeps whose configurations are not repeated per seed
-    (stopping single seeds would bias the mean the searcher sees)."""
-    repeated = exp.search == "optuna" and len(exp.seeds) > 1
-    return exp.scheduler == "asha" and len(exp.metrics) == 1 and not repeated
+    """Whether ``scheduler="asha"`` stops trials early (ASHA on one metric, MO-ASHA on several).
+
+    Never when Optuna repeats each configuration per seed: stopping single seeds would bias the
+    mean the searcher sees. A Pareto search is also left whole under a grid or random search with
+    several seeds, where each seed is its own trial: MO-ASHA must not stop one seed of a
+    configuration while its other seeds go on (the report averages over seeds).
+    """
+    if exp.scheduler != "asha":
+        return False
+    if len(exp.metrics) > 1:
+        return len(exp.seeds) == 1
+    return not (exp.search == "optuna" and len(exp.seeds) > 1)
+
+
+def scheduler_name(exp: Experiment) -> str:
+    return "ASHA" if len(exp.metrics) == 1 else "MO-ASHA"
+
+
+def _why_no_asha(exp: Experiment) -> str:
+    if exp.search == "optuna":
+        return "each configuration runs once per seed and Optuna sees the mean"
+    return "each configuration runs once per seed and no seed is stopped alone"
 
 
 def gpu_fraction(text: str) -> float:
@@ -118,3 +164,56 @@ def worker_resources(
         cpus_per_worker=cpus if cpus is not None else exp.resources.cpus_per_worker,
         gpus_per_worker=gpus if gpus is not None else exp.resources.gpus_per_worker,
     )
+
+
+class StoppedTrials(Callback):
+    """Records what MO-ASHA stopped: each stopped trial's MLflow run gets the objectives it
+    reached and ``ray_lt.stopped_by`` / ``ray_lt.stopped_at_epoch`` tags (the trial's own
+    process is gone by then, so the driver writes them), and the sweep ends with one line per
+    rung and the count. A tracking failure is a warning: it never costs the sweep.
+    """
+
+    def __init__(self, scheduler: Any, tracking_uri: str, experiment: str) -> None:
+        self.scheduler = scheduler
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epoch = self.scheduler.stopped().get(trial.trial_id)
+        if epoch is None:
+            return
+        result = trial.last_result or {}
+        values = {m: float(result[m]) for m in self.scheduler.metrics if m in result}
+        try:
+            tag_stopped(self.tracking_uri, self.experiment, trial.trial_id, epoch, values)
+        except Exception as err:  # noqa: BLE001 - MLflow is a mirror; the sweep goes on
+            print(f"warning: could not tag stopped trial {trial.trial_id}: {err}", file=sys.stderr)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # The sweep's console: while Tune runs, what the driver prints on ``sys.stdout`` goes to
+        # the sweep's log file (ray_lt.console), and this line is ray-lt's own, for the user.
+        console = sys.__stdout__ or sys.stdout
+        stopped = self.scheduler.stopped()
+        where = ", ".join(f"{tid} at epoch {epoch:g}" for tid, epoch in sorted(stopped.items()))
+        lines = [f"MO-ASHA stopped {len(stopped)} of {len(trials)} trials early: {where}"]
+        lines += [f"  {line}" for line in self.scheduler.debug_string().splitlines()[1:]]
+        for line in lines:
+            print(f"ray-lt: {line}", file=console, flush=True)
+
+
+def tag_stopped(
+    tracking_uri: str, experiment: str, trial_id: str, epoch: float, values: dict[str, float]
+) -> None:
+    """Tag the MLflow run of a trial MO-ASHA stopped and log the objectives it reached there."""
+    from ray_lt.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, experiment)
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.`ray_lt.trial_id` = '{trial_id}'", max_results=10
+    )
+    for run in runs:  # the trial's run (a retried trial may have two)
+        rid = run.info.run_id
+        tracker.client.set_tag(rid, "ray_lt.stopped_by", "moasha")
+        tracker.client.set_tag(rid, "ray_lt.stopped_at_epoch", f"{epoch:g}")
+        for name, value in values.items():
+            tracker.client.log_metric(rid, name, value, step=int(epoch))

@@ -311,6 +311,41 @@ def test_trial_complete_records_its_last_result():
     assert drv.report("F", 2, 0.4, 0.4) == STOP
 
 
+def test_results_after_a_trial_left_are_ignored():
+    drv = Driver(scheduler())
+    drv.report("A", 1, 0.9, 0.9)
+    assert drv.report("D", 1, 0.1, 0.1) == STOP
+    for gone, leave in (("D", "remove"), ("E", "error"), ("C", "complete")):
+        trial = drv.trial(gone)
+        if leave == "remove":
+            drv.sched.on_trial_remove(None, trial)
+        elif leave == "error":
+            drv.sched.on_trial_error(None, trial)
+        else:
+            drv.sched.on_trial_complete(None, trial, {"epoch": 1})  # ended without a metric
+        # A buffered result arriving afterwards (a later rung's, with a point that a live
+        # trial there would be stopped for) is neither ranked nor recorded.
+        assert drv.report(gone, 2, 0.0, 0.0) == CONTINUE
+        assert drv.sched.on_trial_complete(None, trial, {"epoch": 4, "acc": 0, "few": 0}) is None
+    assert drv.sched.records() == {1: {"A": (0.9, 0.9), "D": (0.1, 0.1)}, 2: {}, 4: {}, 8: {}}
+    assert drv.sched.stopped() == {"D": 1.0} and drv.sched.num_stopped == 1
+    # A trial Tune retries is added again and is ranked again from then on.
+    drv.sched.on_trial_add(None, drv.trial("E"))
+    assert drv.report("E", 2, 0.5, 0.5) == CONTINUE
+    assert drv.sched.records()[2] == {"E": (0.5, 0.5)}
+
+
+def test_a_later_rung_first_then_the_earlier_one():
+    drv = Driver(scheduler())
+    drv.feed([("A", 1, 0.9, 0.9), ("A", 2, 0.9, 0.9), ("B", 1, 0.95, 0.2)])
+    # B's rung-2 result arrives before C's rung-1 result; each is ranked at its own rung only.
+    assert drv.report("B", 2, 0.5, 0.1) == STOP  # dominated by A at rung 2 (n = 2, top 1)
+    assert drv.report("C", 1, 0.2, 0.95) == CONTINUE  # non-dominated at rung 1 (A, B, C)
+    assert drv.report("C", 1, 0.0, 0.0) == CONTINUE  # a repeat inside the rung: not ranked
+    assert drv.sched.stopped() == {"B": 2.0}
+    assert drv.sched.records()[1] == {"A": (0.9, 0.9), "B": (0.95, 0.2), "C": (0.2, 0.95)}
+
+
 @pytest.mark.parametrize(
     "result",
     [
@@ -411,6 +446,7 @@ def test_save_restore_round_trip_through_json(tmp_path):
     restored = Driver(scheduler(modes=["max", "min"]))
     restored.sched.restore(str(path))
     assert restored.sched.records() == original.sched.records()
+    assert restored.sched.stopped() == original.sched.stopped() == {"B": 1.0}  # max / min
     assert restored.feed(later) == original.feed(later)
     assert restored.sched.debug_string() == original.sched.debug_string()
     assert list(tmp_path.iterdir()) == [path]  # the temporary file was renamed away
@@ -428,10 +464,16 @@ def test_restore_refuses_other_schedulers_and_bad_files(tmp_path):
     garbage.write_bytes(b"\x80\x04not json")
     with pytest.raises(ArtifactError, match="cannot read"):
         scheduler().restore(str(garbage))
-    state = json.loads(path.read_text())
+    good = path.read_text()
+    state = json.loads(good)
     state["rungs"][0] = [["A", [0.5]]]  # one value for two metrics
     path.write_text(json.dumps(state))
     with pytest.raises(ArtifactError, match="malformed"):
+        scheduler().restore(str(path))
+    state = json.loads(good)
+    state["stopped"] = {"A": "epoch one"}
+    path.write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match="malformed 'stopped'"):
         scheduler().restore(str(path))
     path.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ArtifactError, match="not MultiObjectiveASHA state"):
