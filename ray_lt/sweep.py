@@ -11,6 +11,7 @@ are reused from the store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_lt.artifacts import ArtifactStore
+from ray_lt.console import QuietConsole, log_path, route_worker_output
 from ray_lt.errors import RayLtError
 from ray_lt.experiment import Experiment, load_experiment, project_root
 from ray_lt.interrupts import (
@@ -58,6 +60,8 @@ class SweepArgs:
     num_cpus: int | None = None
     gpus_per_worker: str = "auto"
     cpus_per_worker: float | None = None
+    dry_run: bool = False
+    verbose: bool = False
 
 
 @dataclass
@@ -90,16 +94,32 @@ def parse_args(argv: list[str] | None) -> SweepArgs:
         "experiment sets none, share them among the concurrent trials",
     )
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per stage worker")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print every trial's stages and which of them the store already holds; "
+        "train nothing and start no Ray",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output (worker logs, Tune's tables) on the console as well",
+    )
     return SweepArgs(**vars(p.parse_args(argv)))
 
 
-def prepare(args: SweepArgs) -> Sweep:
-    """Everything checked before Ray starts: each failure is one line and exit 2."""
+def _checked(args: SweepArgs) -> tuple[Experiment, list[StageSpec], str | None]:
+    """The experiment, one sample trial's DAG and the data root, every name checked."""
     exp = load_experiment(args.file, smoke=args.smoke)
     check_space(exp)
     data_root = args.data_root or exp.data_root or os.environ.get("RAY_LT_DATA")
     data_root = os.path.abspath(data_root) if data_root else None
-    stages = check_pipeline(exp, data_root)
+    return exp, check_pipeline(exp, data_root), data_root
+
+
+def prepare(args: SweepArgs) -> Sweep:
+    """Everything checked before Ray starts: each failure is one line and exit 2."""
+    exp, stages, data_root = _checked(args)
     store = ArtifactStore(_abs(args.store or exp.store))
     tracking_uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
@@ -109,34 +129,69 @@ def prepare(args: SweepArgs) -> Sweep:
     return Sweep(args, exp, stages, store, tracking_uri, data_root, gpus)
 
 
+def dry_run(args: SweepArgs) -> int:
+    """Print the plan (``plan.py``): the same checks as a sweep, then no Ray and no training.
+
+    A local store that does not exist yet is not created (it holds nothing)."""
+    from ray_lt.plan import plan_sweep, render_plan
+
+    exp, _, _ = _checked(args)
+    uri = _abs(args.store or exp.store)
+    held = ArtifactStore(uri).contains if "://" in uri or os.path.isdir(uri) else _nothing
+    for line in render_plan(exp, plan_sweep(exp), uri, held):
+        print(line)
+    return 0
+
+
+def _nothing(key: str) -> bool:
+    return False
+
+
 def run_sweep(args: SweepArgs, argv: list[str]) -> int:
+    if args.dry_run:
+        return dry_run(args)
+    if not args.verbose:  # MLflow's table-creation lines; a user's own setting wins
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     sweep = prepare(args)
     if args.resume:
         _replay(sweep)
     interrupts = Interrupts()
+    console = None if args.verbose else QuietConsole(log_path(sweep.store.uri, sweep.exp.name))
     try:
         with interrupts.installed():
-            results = _run_tune(sweep, interrupts)
+            results = _run_tune(sweep, interrupts, console)
     except SweepInterrupted:
         results = None
+    finally:
+        if console is not None:
+            console.close()
     if interrupts.received:
         return after_interrupt(sweep.exp.name, sweep.store, sweep.tracking_uri, interrupts, argv)
     _replay(sweep)
     return summarize(sweep.exp, results, sweep.tracking_uri)
 
 
-def _run_tune(sweep: Sweep, interrupts: Interrupts) -> Any:
-    """Start (or join) Ray, check resources, run the Tuner; Ray is shut down on the way out."""
+def _run_tune(sweep: Sweep, interrupts: Interrupts, console: QuietConsole | None) -> Any:
+    """Start (or join) Ray, check resources, run the Tuner; Ray is shut down on the way out.
+
+    With a ``console`` (the default, not ``--verbose``) Ray's output goes to its log file."""
     import ray
 
     started = not ray.is_initialized()
+    if console is not None:
+        console.open()
     if started:
         _init_ray(sweep)
         interrupts.reinstall()
+    if console is not None:
+        console.route_workers()
+    else:
+        route_worker_output(None)  # Ray's printing, less its false alarms
     try:
         tuner = _tuner(sweep)
         quiet_tune_interrupt_lines()
-        with interrupts.tune_running():
+        prints = console.tune_prints() if console is not None else contextlib.nullcontext()
+        with interrupts.tune_running(), prints:
             return tuner.fit()
     finally:
         if started:
@@ -187,6 +242,8 @@ def _tuner(sweep: Sweep) -> Any:
     trainable, space, tune_config, run_config = build_tuner(
         exp, setup, sweep.store, sweep.stages[-1].train.epochs, trial_cpus(sample)
     )
+    if not args.verbose:
+        run_config.verbose = 0  # no status tables: the trials print a line per stage
     path = f"{run_config.storage_path}/{exp.name}"
     if not args.resume:
         return tune.Tuner(

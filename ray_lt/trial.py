@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_lt.artifacts import Artifact, ArtifactStore
+from ray_lt.console import StageProgress, trial_label
 from ray_lt.errors import ERROR_KEY, RayLtError
 from ray_lt.experiment import Experiment
 from ray_lt.preflight import call_pipeline
-from ray_lt.spec import Resources, StageSpec, with_resources
+from ray_lt.spec import Resources, StageSpec, walk, with_resources
 
 TRIAL_INDEX = "__trial_index__"  # Tune's repeat index, set when Optuna repeats per seed
 
@@ -58,13 +59,18 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
         if done is not None:  # finished and tracked before the driver died: report, run nothing
             tune.report({**_result(done), "artifact": done.key, "seed": config["seed"]})
             return
+        # one console line as each stage starts and ends (see ray_lt.console)
+        watch = StageProgress(
+            mirror, trial_label(config), walk(final), exp.metrics[0], store.contains
+        )
         ctx = TrialContext(
             store_uri=setup.store_uri,
             data_refs=dict(setup.data_refs),
             data_root=setup.data_root,
-            mirror=mirror,
+            mirror=watch,
             report_to_tune=True,
         )
+        watch.begin()
         artifact = run_pipeline(final, ctx)[-1].artifact
         result = _result(artifact)
         mirror.finish(result, artifact.key)
@@ -72,6 +78,12 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
         mirror.fail(err)
         tune.report({ERROR_KEY: " ".join(str(err).split())[:500], "seed": config["seed"]})
         return
+    except SystemExit as err:
+        # Tune ends a trial its scheduler stopped with SystemExit(0): not a failure; the run
+        # stays open and the summary marks it KILLED (``Tracker.close_unfinished``).
+        if err.code not in (0, None):
+            mirror.fail(err)
+        raise
     except BaseException as err:
         mirror.fail(err)
         raise

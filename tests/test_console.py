@@ -1,0 +1,147 @@
+"""The console a user watches: a line per stage and the summary; Ray's output in a log file.
+
+The quickstart smoke sweep runs as a user runs it, in a subprocess whose output is a pipe (as
+in CI or a log file), on a real local Ray with a real store and MLflow; then once more with
+``--verbose``, which brings Ray's worker output back. The routing pieces are also checked on
+their own, with a real store and a real artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_lt.artifacts import ArtifactStore
+from ray_lt.console import (
+    PROGRESS_MARK,
+    QuietConsole,
+    StageProgress,
+    _without_false_alarms,
+)
+from tests.conftest import tiny_ce, tiny_crt
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "experiments" / "quickstart.py"
+PREEMPTION_LINE = (
+    "[2026-01-01 10:00:00,000 E 1 2] core_worker.cc:2465: Actor with class name: "
+    "'PreemptionWatcher' and ID: 'ab' has constructor arguments in the object store and "
+    "max_restarts > 0."
+)
+
+
+def _sweep(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray_lt.sweep",
+        str(QUICKSTART),
+        "--smoke",
+        "--store",
+        str(workdir / "store"),
+        "--tracking-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=workdir, env=dict(os.environ), capture_output=True, text=True, timeout=880
+    )
+
+
+@pytest.mark.ray
+def test_quickstart_console_is_a_line_per_stage_and_the_summary(tmp_path):
+    proc = _sweep(tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    lines = out.splitlines()
+    assert len(lines) <= 40, out
+    assert not [ln for ln in lines if " E " in ln or "ERROR" in ln], out
+    log = re.search(r"Ray's own output \(workers, Tune\) goes to (\S+)", proc.stdout)
+    assert log and Path(log.group(1)).is_relative_to(tmp_path / "store" / "_tune"), out
+    text = Path(log.group(1)).read_text()
+    assert "RayTrainWorker pid=" in text and "PreemptionWatcher" in text  # kept, not lost
+    # two trials share seed 0's CE: the store trains it once, the other trial reuses it
+    ce = [ln for ln in lines if "| stage 1/2 ce |" in ln]
+    assert sum("| trained in " in ln for ln in ce) == 1, out
+    assert sum("| reused in " in ln for ln in ce) == 1, out
+    assert all("seed=0" in ln and "lr=" in ln for ln in ce)
+    assert any(
+        re.search(r"\| stage 2/2 crt \| trained in [\d.]+s \| val_overall=0\.\d{4}", ln)
+        for ln in lines
+    ), out
+    assert "\nsweep 'quickstart-smoke': 2 trials" in proc.stdout
+
+
+@pytest.mark.ray
+def test_verbose_brings_back_ray_worker_output(tmp_path):
+    proc = _sweep(tmp_path, "--verbose")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "RayTrainWorker pid=" in out and len(out.splitlines()) > 60
+    assert "goes to" not in proc.stdout  # nothing routed to a file
+    assert "'PreemptionWatcher'" not in out  # Ray's false alarm (see console.FALSE_ALARMS)
+
+
+def test_worker_lines_go_to_the_file_and_progress_to_the_console(tmp_path, capsys):
+    console = QuietConsole(str(tmp_path / "run" / "console.log"))
+    console.open()
+    try:
+        console._worker_lines(
+            {
+                "pid": 7,
+                "actor_name": "RayTrainWorker",
+                "lines": ["Checkpoint successfully created", f"{PROGRESS_MARK}stage 1/2 ce | x"],
+            }
+        )
+        console._worker_lines(
+            {"pid": 8, "actor_name": "TrainController", "lines": [PREEMPTION_LINE]}
+        )
+    finally:
+        console.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "stage 1/2 ce | x" and "console.log" in out[0]
+    log = (tmp_path / "run" / "console.log").read_text()
+    assert "(RayTrainWorker pid=7) Checkpoint successfully created" in log
+    assert "(TrainController pid=8)" in log and PROGRESS_MARK not in log
+
+
+def test_verbose_console_drops_only_rays_false_alarm():
+    printed: list[dict] = []
+    _without_false_alarms({"pid": 8, "lines": [PREEMPTION_LINE, "kept"]}, printed.append)
+    _without_false_alarms({"pid": 8, "lines": [PREEMPTION_LINE]}, printed.append)
+    assert printed == [{"pid": 8, "lines": ["kept"]}]
+
+
+def test_stage_progress_prints_start_and_end_of_each_stage(tmp_path, capsys):
+    store = ArtifactStore(tmp_path / "store")
+    ce = tiny_ce()
+    crt = tiny_crt(ce)
+    for spec, overall in ((ce, 0.25), (crt, 0.625)):
+        src = tmp_path / spec.kind
+        src.mkdir()
+        (src / "metrics.json").write_text(f'{{"val": {{"overall": {overall}}}}}')
+    store.put(crt.key, tmp_path / "crt")  # stored: no start line for it
+    watch = StageProgress(None, "lr=0.1 seed=0", [ce, crt], "val_overall", store.contains)
+    watch.begin()
+    ce_artifact = store.put(ce.key, tmp_path / "ce")
+    watch.log_stage(ce_artifact, reused=False, final=False)
+    watch.log_stage(store.lookup(crt.key), reused=True, final=True)
+    lines = [ln.removeprefix(PROGRESS_MARK) for ln in capsys.readouterr().out.splitlines()]
+    assert lines[0] == "lr=0.1 seed=0 | stage 1/2 ce | start"
+    assert re.fullmatch(
+        r"lr=0.1 seed=0 \| stage 1/2 ce \| trained in [\d.]+s \| "
+        r"val_overall=0.2500",
+        lines[1],
+    ), lines
+    assert re.fullmatch(
+        r"lr=0.1 seed=0 \| stage 2/2 crt \| reused in [\d.]+s \| "
+        r"val_overall=0.6250",
+        lines[2],
+    ), lines
+    assert len(lines) == 3
