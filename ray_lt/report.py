@@ -80,7 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown)
     for kind, path in sorted(report.files.items()):
         print(f"wrote {kind}: {path}")
+    log_to_mlflow(uri, exp.name, args.out or f"reports/{exp.name}", args.smoke)
     return 0
+
+
+def log_to_mlflow(uri: str, experiment: str, out_dir: str, smoke: bool) -> None:
+    """Copy the report into MLflow as a run of the experiment (the UI then shows index.html);
+    the files on disk are the report, so a failure here is a warning, never an error."""
+    from ray_lt.tracking import Tracker
+
+    try:
+        run_id = Tracker(uri, experiment).log_report(out_dir, smoke)
+    except Exception as err:  # noqa: BLE001 - MLflow holds a copy; the report is written
+        print(f"warning: the report was not copied to MLflow: {err}", file=sys.stderr)
+        return
+    print(f"MLflow: run {run_id} of '{experiment}' holds the report (report/index.html)")
 
 
 def front_of(

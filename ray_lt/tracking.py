@@ -25,7 +25,7 @@ from typing import Any
 
 from ray_lt.errors import RayLtError
 
-ROLE, TRIAL, STAGE = "ray_lt.role", "trial", "stage"
+ROLE, TRIAL, STAGE, REPORT = "ray_lt.role", "trial", "stage", "report"
 MAX_PARAM_LEN = 500
 SQLITE = "sqlite:///"
 LOCK_WAIT_S = 120.0  # MLflow creates and migrates a new database in seconds
@@ -370,6 +370,20 @@ class Tracker:
         if started_after_ms is not None:
             where += f" and attributes.start_time >= {int(started_after_ms)}"
         return self.client.search_runs([self.experiment_id], where, max_results=5000)
+
+    def log_report(self, out_dir: str, smoke: bool) -> str:
+        """A FINISHED run holding a report's files under ``report/``, so that the MLflow UI
+        opens ``report/index.html``; its role keeps it out of every later report's rows."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        tags = {
+            ROLE: REPORT,
+            "ray_lt.smoke": str(smoke).lower(),
+            "mlflow.runName": f"report {stamp}",
+        }
+        run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        self.client.log_artifacts(run_id, out_dir, artifact_path="report")
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
 
     def fail_trial(self, run_id: str, message: str) -> None:
         self.client.set_tag(run_id, "ray_lt.error", message[:MAX_PARAM_LEN])

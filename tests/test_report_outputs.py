@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -80,6 +81,10 @@ def sweep(tmp_path_factory):
     plus a FAILED earlier try of (lr=0.1, seed 2) whose crt the finished try reused."""
     root = tmp_path_factory.mktemp("staged")
     uri = f"sqlite:///{root}/mlflow.db"
+    Tracker(uri, "setup").client.create_experiment(
+        "staged",
+        artifact_location=str(root / "artifacts"),  # else MLflow writes to ./mlruns
+    )
     tracker = Tracker(uri, "staged")
     trained_ce: set[str] = set()
     for lr, by_seed in FINAL.items():
@@ -370,6 +375,25 @@ def test_cli_writes_the_page_and_the_stage_rows(sweep, tmp_path, capsys):
         "shot_groups.png",
         "learning_curves.png",
     }
+
+
+def test_cli_copies_the_report_to_an_mlflow_run_that_no_report_counts(sweep, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    file = _experiment_file(tmp_path, "staged")
+    args = [file, "--tracking-uri", sweep["uri"], "--stages"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    said = re.search(r"MLflow: run (\w+) of 'staged' holds the report", capsys.readouterr().out)
+    assert said
+    client = MlflowClient(sweep["uri"])
+    run = client.get_run(said[1])
+    assert run.info.status == "FINISHED" and run.data.tags["ray_lt.role"] == "report"
+    names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"index.html", "table.md", "table.csv", "pareto.png"} <= names
+    # a second report reads the same rows: the report run is not a trial or a stage
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    first, second = (tmp_path / "a" / "table.md"), (tmp_path / "b" / "table.md")
+    assert first.read_text(encoding="utf-8") == second.read_text(encoding="utf-8")
 
 
 def _bad_cases(sweep_uri: str, old_uri: str) -> dict:
