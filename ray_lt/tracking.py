@@ -26,6 +26,9 @@ from typing import Any
 from ray_lt.errors import RayLtError
 
 ROLE, TRIAL, STAGE, REPORT = "ray_lt.role", "trial", "stage", "report"
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, prompts) unless the
+# experiment says it is a model-training one; then it opens on the runs table.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_PARAM_LEN = 500
 SQLITE = "sqlite:///"
 LOCK_WAIT_S = 120.0  # MLflow creates and migrates a new database in seconds
@@ -275,6 +278,10 @@ class Tracker:
                 self.experiment_id = (
                     exp.experiment_id if exp else _create(self.client, experiment_name)
                 )
+                if exp is None or exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                    self.client.set_experiment_tag(
+                        self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING
+                    )
         except RayLtError:
             raise
         except Exception as err:  # noqa: BLE001 - any client failure means the same to the user

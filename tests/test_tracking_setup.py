@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ray_lt.errors import RayLtError
-from ray_lt.tracking import Tracker
+from ray_lt.tracking import EXPERIMENT_KIND, Tracker
 from tests.cli import ROOT
 
 # Each child imports everything first, says it is ready, then waits for the barrier file so that
@@ -207,3 +207,17 @@ def test_sweep_cli_on_a_half_migrated_database_exits_2_in_one_line(good_db, tmp_
     assert str(db) in lines[0] and "half-migrated" in lines[0] and "mv " in lines[0]
     assert _sha256(db) == before
     assert not (tmp_path / "store" / "_tune").exists()
+
+
+def test_experiments_open_on_the_runs_table_in_the_mlflow_ui(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri, "fresh")
+    client = MlflowClient(uri)
+    client.create_experiment("older", artifact_location=str(tmp_path / "a"))  # made before
+    assert client.get_experiment_by_name("older").tags.get(EXPERIMENT_KIND) is None
+    Tracker(uri, "older")
+    for name in ("fresh", "older"):
+        tags = client.get_experiment_by_name(name).tags
+        assert tags[EXPERIMENT_KIND] == "custom_model_development", (name, tags)
