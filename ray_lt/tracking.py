@@ -29,6 +29,7 @@ ROLE, TRIAL, STAGE, REPORT = "ray_lt.role", "trial", "stage", "report"
 # MLflow 3's UI opens an experiment on its GenAI overview (traces, prompts) unless the
 # experiment says it is a model-training one; then it opens on the runs table.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+MAX_RUN_NAME = 120  # characters of a run name the runs table can show
 MAX_PARAM_LEN = 500
 SQLITE = "sqlite:///"
 LOCK_WAIT_S = 120.0  # MLflow creates and migrates a new database in seconds
@@ -246,6 +247,19 @@ def config_label(config: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={_short(v)}" for k, v in sorted(rest.items())) or "default"
 
 
+def run_name(config: Mapping[str, Any]) -> str:
+    """A trial run's name in the MLflow UI: its configuration and seed, e.g.
+    ``lr=0.1 teachers=vanilla1+data_aug1 · seed 1`` (the table tells trials apart by it)."""
+    name = f"{config_label(config)} · seed {config.get('seed')}"
+    return name if len(name) <= MAX_RUN_NAME else name[: MAX_RUN_NAME - 3] + "..."
+
+
+def stage_run_name(spec: Mapping[str, Any], reused: bool) -> str:
+    """A stage run's name: its role in the pipeline (``teacher vanilla1``, ``student``)."""
+    role = str(spec.get("name") or spec.get("kind")).replace("_", " ")
+    return f"{role} (reused)" if reused else role
+
+
 def _short(value: str) -> str:
     try:
         return f"{float(value):.4g}"
@@ -294,7 +308,7 @@ class Tracker:
             "ray_lt.config_id": config_id(config),
             "ray_lt.label": config_label(config),
             "ray_lt.smoke": str(smoke).lower(),
-            "mlflow.runName": f"trial-{trial_id}",
+            "mlflow.runName": run_name(config),
         }
         run = self.client.create_run(self.experiment_id, tags=tags)
         params = flatten({k: v for k, v in config.items() if not k.startswith("__")})
@@ -326,7 +340,7 @@ class Tracker:
         tags = {
             ROLE: STAGE,
             "mlflow.parentRunId": parent_run_id,
-            "mlflow.runName": f"{spec.get('name', spec.get('kind'))}-{key[-8:]}",
+            "mlflow.runName": stage_run_name(spec, reused),
             "ray_lt.stage_kind": str(spec.get("kind")),
             "ray_lt.stage_name": str(spec.get("name")),
             "ray_lt.stage_key": key,

@@ -221,3 +221,23 @@ def test_experiments_open_on_the_runs_table_in_the_mlflow_ui(tmp_path):
     for name in ("fresh", "older"):
         tags = client.get_experiment_by_name(name).tags
         assert tags[EXPERIMENT_KIND] == "custom_model_development", (name, tags)
+
+
+def test_runs_are_named_by_configuration_seed_and_stage_role(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri, "setup").client.create_experiment("named", artifact_location=str(tmp_path / "a"))
+    tracker = Tracker(uri, "named")
+    config = {"teachers": "vanilla1+data_aug1", "alpha": 0.4, "seed": 1, "__trial_index__": 0}
+    trial = tracker.start_trial("abc123", config, smoke=False)
+    teacher = {"spec": {"kind": "cbd_teacher", "name": "teacher_vanilla1"}}
+    student = {"spec": {"kind": "cbd_student", "name": "student"}}
+    done = {"test": {"overall": 0.5}}
+    kw = {"final": False, "artifact_dir": None}
+    first = tracker.log_stage(trial, teacher, done, key="cbd_teacher-1", reused=True, **kw)
+    second = tracker.log_stage(trial, student, done, key="cbd_student-2", reused=False, **kw)
+    names = [tracker.client.get_run(r).info.run_name for r in (trial, first, second)]
+    assert names == [
+        "alpha=0.4 teachers=vanilla1+data_aug1 · seed 1",
+        "teacher vanilla1 (reused)",
+        "student",
+    ]
