@@ -13,6 +13,7 @@ what every column and figure means.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "objectives with 'val_' dropped, else overall,few when both were logged)",
     )
     args = p.parse_args(argv)
+    # MLflow draws a progress bar for every artifact the report downloads (per-class tables)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         exp = load_experiment(args.file, smoke=args.smoke)
         baseline = parse_baseline(args.baseline) if args.baseline is not None else exp.baseline

@@ -34,6 +34,7 @@ def smoke_sweep(file: str, workdir: Path, *extra: str) -> str:
     sweep = run_cli("ray_lt.sweep", file, workdir, "--num-cpus", "2", *extra)
     assert "OK" in sweep.stdout and "ERROR" not in sweep.stdout.split("sweep '")[-1]
     report = run_cli("ray_lt.report", file, workdir)
+    assert "Downloading artifacts" not in report.stderr, report.stderr[-2000:]  # no MLflow bars
     for name in ("table.md", "table.tex", "table.csv", "per_class.png"):
         assert list(workdir.glob(f"reports/*/{name}")), name
     return report.stdout
