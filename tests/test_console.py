@@ -2,8 +2,9 @@
 
 The quickstart smoke sweep runs as a user runs it, in a subprocess whose output is a pipe (as
 in CI or a log file), on a real local Ray with a real store and MLflow; then once more with
-``--verbose``, which brings Ray's worker output back. The routing pieces are also checked on
-their own, with a real store and a real artifact.
+``--verbose``, which brings Ray's worker output back. The first run is also the quickstart's
+smoke test (its store and its report), so the suite pays for one quickstart sweep, not two.
+The routing pieces are also checked on their own, with a real store and a real artifact.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ray_lt.console import (
     StageProgress,
     _without_false_alarms,
 )
+from tests.cli import run_cli
 from tests.conftest import tiny_ce, tiny_crt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +78,16 @@ def test_quickstart_console_is_a_line_per_stage_and_the_summary(tmp_path):
         for ln in lines
     ), out
     assert "\nsweep 'quickstart-smoke': 2 trials" in proc.stdout
+    # the same runs report (this is also the quickstart's smoke test: one sweep serves both)
+    keys = ArtifactStore(tmp_path / "store").keys()
+    assert sum(k.startswith("ce-") for k in keys) == 1
+    assert sum(k.startswith("crt-") for k in keys) == 2
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    report = run_cli("ray_lt.report", "experiments/quickstart.py", tmp_path, "--tracking-uri", uri)
+    assert "| configuration |" in report.stdout
+    assert "Downloading artifacts" not in report.stderr, report.stderr[-2000:]
+    for name in ("table.md", "table.tex", "table.csv", "per_class.png", "index.html"):
+        assert list(tmp_path.glob(f"reports/*/{name}")), name
 
 
 @pytest.mark.ray

@@ -1,5 +1,6 @@
 """Every shipped experiment's smoke variant runs end to end through the CLI (real Ray, MLflow,
-Parquet), and its report builds from the runs it logged."""
+Parquet), and its report builds from the runs it logged. The quickstart's is in
+test_console.py, whose console test runs it and its report."""
 
 from __future__ import annotations
 
@@ -10,15 +11,6 @@ from tests.cli import smoke_sweep
 from tests.conftest import requires_cifar
 
 pytestmark = pytest.mark.ray
-
-
-def test_quickstart_smoke(tmp_path):
-    out = smoke_sweep("experiments/quickstart.py", tmp_path)
-    assert "| configuration |" in out
-    keys = ArtifactStore(tmp_path / "ray_lt_store").keys()
-    # two configurations of one seed share one CE stage
-    assert sum(k.startswith("ce-") for k in keys) == 1
-    assert sum(k.startswith("crt-") for k in keys) == 2
 
 
 @requires_cifar
