@@ -178,6 +178,48 @@ def cbe(
     """
     if isinstance(splits, str):
         splits = splits_from_thresholds(splits)
+    backbone_kwargs = {**(backbone_kwargs or {}), **({"fc512": True} if fc512 else {})}
+    generalist = _generalist(seed, data, backbone, backbone_kwargs, generalist_train)
+    options = {"update_frozen_bn": update_frozen_bn, "open_class": open_class}
+    experts = _experts(generalist, splits, seed, open_ratio, num_learnable, expert_train, options)
+    logits = StageSpec(
+        kind="cbe_logits",
+        name="logits",
+        data=data,
+        train=EVAL_ONLY,
+        inputs={"generalist": generalist, **experts},
+    )
+    return _calibration(logits, seed, calibration, routing, calibration_train, include_generalist)
+
+
+def _generalist(
+    seed: int,
+    data: DataSpec,
+    backbone: str,
+    backbone_kwargs: dict[str, Any],
+    train: TrainSpec,
+) -> StageSpec:
+    """The CE generalist: the baselines' CE stage (shared key) unless the backbone is changed."""
+    if not backbone_kwargs:
+        return baseline("ce", seed, data=data, ce_train=train, backbone=backbone)
+    return StageSpec(
+        kind="ce",
+        data=data,
+        train=train.replace(seed=seed),
+        params={"backbone": backbone, "backbone_kwargs": backbone_kwargs},
+    )
+
+
+def _experts(
+    generalist: StageSpec,
+    splits: Splits,
+    seed: int,
+    open_ratio: float | Sequence[float] | str,
+    num_learnable: int | Sequence[int] | str,
+    expert_train: TrainSpec | Sequence[TrainSpec],
+    options: dict[str, Any],
+) -> dict[str, StageSpec]:
+    """``expert0``, ``expert1``, ...: one per split, with its own (or the shared) settings."""
     n = len(splits)
     ratios = _per_expert(open_ratio, n, "open_ratio")
     learnable = _per_expert(num_learnable, n, "num_learnable")
@@ -186,18 +228,7 @@ def cbe(
         n,
         "expert_train",
     )
-    backbone_kwargs = {**(backbone_kwargs or {}), **({"fc512": True} if fc512 else {})}
-    if backbone_kwargs:
-        generalist = StageSpec(
-            kind="ce",
-            data=data,
-            train=generalist_train.replace(seed=seed),
-            params={"backbone": backbone, "backbone_kwargs": backbone_kwargs},
-        )
-    else:
-        generalist = baseline("ce", seed, data=data, ce_train=generalist_train, backbone=backbone)
-    options = {"update_frozen_bn": update_frozen_bn, "open_class": open_class}
-    experts = {
+    return {
         f"expert{i}": expert(
             generalist, low, high, seed, open_ratio=r, num_learnable=k, train=t, **options
         )
@@ -205,21 +236,25 @@ def cbe(
             zip(splits, ratios, learnable, trains, strict=True)
         )
     }
-    logits = StageSpec(
-        kind="cbe_logits",
-        name="logits",
-        data=data,
-        train=EVAL_ONLY,
-        inputs={"generalist": generalist, **experts},
-    )
-    train = calibration_train if calibration == "full" else EVAL_ONLY
+
+
+def _calibration(
+    logits: StageSpec,
+    seed: int,
+    calibration: str,
+    routing: str,
+    train: TrainSpec,
+    include_generalist: bool,
+) -> StageSpec:
+    """The final ``cbe_calibrate`` stage on the logits table (trains only for "full")."""
+    train = train if calibration == "full" else EVAL_ONLY
     params: dict[str, Any] = {"calibration": calibration, "routing": routing}
     if include_generalist:
         params["include_generalist"] = True
     return StageSpec(
         kind="cbe_calibrate",
         name=f"calibrate_{calibration}_{routing}" + ("_extended" if include_generalist else ""),
-        data=data,
+        data=logits.data,
         train=train.replace(seed=seed),
         params=params,
         inputs={"logits": logits},
