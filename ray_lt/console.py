@@ -50,9 +50,11 @@ def progress(text: str) -> None:
 
 
 class StageProgress:
-    """Stands in for the trial's mirror in ``pipeline.run_pipeline``: the pipeline calls
-    ``log_stage`` as each stage ends, which mirrors the stage, prints its end line and the next
-    stage's start line. The first start line is ``begin()``'s.
+    """Stands in for the trial's mirror in ``pipeline.run_pipeline``: it mirrors each stage as
+    it ends and prints a start and an end line per stage trained (an end line for one reused).
+    A stage trained in this process gets its start line from ``starting``; stages trained in a
+    worker group get theirs from rank 0 there, at the time they happen (``worker_progress``
+    hands it the prefixes).
 
     Args:
         mirror: the trial's ``TrialMirror`` (or None).
@@ -60,7 +62,6 @@ class StageProgress:
         stages: the trial's DAG, dependencies first (the order the pipeline runs it).
         metric: the metric shown for a finished stage (``val_overall`` style names are read
             from the artifact's validation metrics).
-        held: whether the store already holds a key (no start line for a stage it holds).
     """
 
     def __init__(
@@ -69,37 +70,45 @@ class StageProgress:
         label: str,
         stages: list[StageSpec],
         metric: str,
-        held: Callable[[str], bool],
     ) -> None:
         self.mirror = mirror
         self.label = label
-        self.stages = stages
+        self.positions = {s.key: (i, s.name) for i, s in enumerate(stages)}
+        self.count = len(stages)
         self.metric = metric
-        self.held = held
-        self.index = 0
-        self.started = time.monotonic()
+        self.since = time.monotonic()
+        self.in_workers: set[str] = set()
 
     def begin(self) -> None:
-        """The start line of the stage the pipeline runs next (none for a stored one)."""
-        self.started = time.monotonic()
-        if self.index < len(self.stages) and not self.held(self.stages[self.index].key):
-            progress(f"{self._where()} | start")
+        """The trial starts: a reused stage's end line counts from here."""
+        self.since = time.monotonic()
+
+    def starting(self, spec: StageSpec) -> None:
+        """The start line of a stage about to train in this process."""
+        self.since = time.monotonic()
+        progress(f"{self._where(spec.key)} | start")
+
+    def worker_progress(self, batch: list[StageSpec]) -> dict[str, str]:
+        """The line prefix of each stage a worker group is about to train (it prints them)."""
+        self.in_workers.update(s.key for s in batch)
+        return {s.key: self._where(s.key) for s in batch}
 
     def log_stage(self, artifact: Any, *, reused: bool, final: bool) -> None:
-        """Mirror the stage that just ended, print its end line, then the next start line."""
+        """Mirror the stage that just ended and print its end line (unless a worker did)."""
         if self.mirror is not None:
             self.mirror.log_stage(artifact, reused=reused, final=final)
-        seconds = time.monotonic() - self.started
-        what = "reused" if reused else "trained"
-        progress(
-            f"{self._where()} | {what} in {seconds:.1f}s | {val_metric(artifact, self.metric)}"
-        )
-        self.index += 1
-        self.begin()
+        if artifact.key not in self.in_workers:
+            seconds = time.monotonic() - self.since
+            what = "reused" if reused else "trained"
+            progress(
+                f"{self._where(artifact.key)} | {what} in {seconds:.1f}s | "
+                f"{val_metric(artifact, self.metric)}"
+            )
+        self.since = time.monotonic()
 
-    def _where(self) -> str:
-        spec = self.stages[self.index]
-        return f"{self.label} | stage {self.index + 1}/{len(self.stages)} {spec.name}"
+    def _where(self, key: str) -> str:
+        index, name = self.positions[key]
+        return f"{self.label} | stage {index + 1}/{self.count} {name}"
 
 
 def trial_label(config: dict[str, Any]) -> str:

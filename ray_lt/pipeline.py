@@ -1,10 +1,11 @@
 """A trial: walk a stage DAG in dependency order, reusing or training each stage.
 
-For each stage: if the store holds its key, reuse it; otherwise take the key's lock (a second
-trial needing the same stage waits, then reuses), train it as one Ray Train ``TorchTrainer`` fit
-whose rank-0 worker publishes the artifact, and mirror it to MLflow. The dataset travels to the
-workers through the Ray object store (put once by the sweep driver), upstream weights through the
-store by key.
+A stage the store holds is reused. The others are trained under their key's lock (a second
+trial needing the same stage waits, then reuses): cheap ones in this process, the rest in Ray
+Train worker groups, as many consecutive stages per group as the locks allow
+(``ray_lt.worker_group``: one worker-group start per trial, not per stage). Each stage is then
+mirrored to MLflow. The dataset travels to the workers through the Ray object store (put once by
+the sweep driver), upstream weights through the store by key.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ray_lt.artifacts import Artifact, ArtifactStore
-from ray_lt.errors import NonFiniteLossError, RayLtError
+from ray_lt.errors import RayLtError
 from ray_lt.spec import StageSpec, walk
+from ray_lt.worker_group import raise_if_nonfinite, upstream
 
-FAULT_ENV = "RAY_LT_INJECT_FAULT"  # "<stage kind>:<epoch>": raise once in that stage (tests)
+__all__ = ["StageOutcome", "TrialContext", "ensure_stage", "run_pipeline", "upstream"]
 
 
 @dataclass
@@ -45,23 +46,137 @@ class StageOutcome:
 
 
 def run_pipeline(final: StageSpec, ctx: TrialContext) -> list[StageOutcome]:
-    """Every stage of ``final``'s DAG, dependencies first; the last outcome is ``final``'s."""
+    """Every stage of ``final``'s DAG, dependencies first; the last outcome is ``final``'s.
+
+    Each step reuses what the store holds, then trains: a stage that runs in this process (one
+    at a time, as before), or else a *batch*, every stage whose inputs are ready or in the batch
+    and whose lock is free, in one worker group. Stages another trial is training are left out
+    of the batch (their dependants too) and waited for only when nothing else can train.
+    """
     store = ArtifactStore(ctx.store_uri)
-    outcomes = []
-    for spec in walk(final):
-        outcome = ensure_stage(spec, store, ctx, is_final=spec.key == final.key)
-        outcomes.append(outcome)
-        if ctx.mirror is not None:
-            ctx.mirror.log_stage(
-                outcome.artifact, reused=outcome.reused, final=spec.key == final.key
+    stages = walk(final)
+    done: dict[str, StageOutcome] = {}
+    while len(done) < len(stages):
+        _reuse_stored(stages, store, done, ctx, final.key)
+        ready = [s for s in stages if s.key not in done and _inputs_done(s, done)]
+        if len(done) == len(stages):
+            break
+        if not ready:
+            raise RayLtError(f"stage DAG of {final.name} has a cycle")  # walk() forbids it
+        local = [s for s in ready if _runs_here(s, ctx)]
+        if local:
+            _record(
+                done,
+                ensure_stage(local[0], store, ctx, is_final=local[0].key == final.key),
+                ctx,
+                final.key,
             )
-    return outcomes
+            continue
+        batch, locks = _lock_batch(stages, done, store, ctx)
+        if not batch:  # every ready stage is another trial's to train: wait for the first
+            _wait_for(ready[0], store, ctx)
+            continue
+        try:
+            _train_batch(batch, store, ctx, final.key, done)
+        finally:
+            for lock in locks:
+                lock.release()
+    return [done[s.key] for s in stages]
+
+
+def _inputs_done(spec: StageSpec, done: dict[str, StageOutcome]) -> bool:
+    return all(up.key in done for _, up in spec.inputs)
+
+
+def _runs_here(spec: StageSpec, ctx: TrialContext) -> bool:
+    return bool(ctx.in_process) or spec.resources.inline or _in_trial(spec)
+
+
+def _record(
+    done: dict[str, StageOutcome], outcome: StageOutcome, ctx: TrialContext, final_key: str
+) -> None:
+    done[outcome.spec.key] = outcome
+    if ctx.mirror is not None:
+        ctx.mirror.log_stage(
+            outcome.artifact, reused=outcome.reused, final=outcome.spec.key == final_key
+        )
+
+
+def _reuse_stored(
+    stages: list[StageSpec],
+    store: ArtifactStore,
+    done: dict[str, StageOutcome],
+    ctx: TrialContext,
+    final_key: str,
+) -> None:
+    """Record, dependencies first, every stage the store already holds."""
+    for spec in stages:
+        if spec.key not in done and _inputs_done(spec, done):
+            found = store.lookup(spec.key)
+            if found is not None:
+                _record(done, StageOutcome(spec, found, reused=True), ctx, final_key)
+
+
+def _lock_batch(
+    stages: list[StageSpec], done: dict[str, StageOutcome], store: ArtifactStore, ctx: TrialContext
+) -> tuple[list[StageSpec], list[Any]]:
+    """The stages one worker group can train now: ready or fed by the batch, with the first
+    one's resources, and a lock taken without waiting (a held lock leaves the stage out)."""
+    batch: list[StageSpec] = []
+    locks = []
+    for spec in stages:
+        if spec.key in done or _runs_here(spec, ctx):
+            continue
+        if batch and spec.resources != batch[0].resources:
+            continue  # another worker group's (a different worker count or GPU need)
+        inside = {s.key for s in batch}
+        if not all(up.key in done or up.key in inside for _, up in spec.inputs):
+            continue
+        lock = store.lock(spec.key, ctx.owner)
+        if lock.acquire(timeout_s=0, should_stop=lambda k=spec.key: store.contains(k)):
+            batch.append(spec)
+            locks.append(lock)
+    return batch, locks
+
+
+def _wait_for(spec: StageSpec, store: ArtifactStore, ctx: TrialContext) -> None:
+    """Wait, holding no worker group, until another trial has trained ``spec`` or let it go."""
+    lock = store.lock(spec.key, ctx.owner)
+    if lock.acquire(should_stop=lambda: store.contains(spec.key)):
+        lock.release()  # free but not stored (its trainer failed): the next step trains it
+
+
+def _train_batch(
+    batch: list[StageSpec],
+    store: ArtifactStore,
+    ctx: TrialContext,
+    final_key: str,
+    done: dict[str, StageOutcome],
+) -> None:
+    """Train the batch in one worker group, then record each stage it published."""
+    from ray_lt.worker_group import train_batch
+
+    watch = getattr(ctx.mirror, "worker_progress", None)
+    train_batch(
+        batch,
+        store,
+        ctx.data_refs,
+        final_key=final_key if ctx.report_to_tune else None,
+        progress=watch(batch) if watch else None,
+        metric=getattr(ctx.mirror, "metric", "val_overall"),
+        data_root=ctx.data_root,
+    )
+    for spec in batch:
+        artifact = store.lookup(spec.key)
+        if artifact is None:
+            raise RayLtError(f"stage {spec.name} ({spec.key}) finished but left no valid artifact")
+        _record(done, StageOutcome(spec, artifact, reused=False), ctx, final_key)
 
 
 def ensure_stage(
     spec: StageSpec, store: ArtifactStore, ctx: TrialContext, *, is_final: bool
 ) -> StageOutcome:
-    """Reuse the stored artifact of ``spec`` or train it, never twice at once."""
+    """Reuse the stored artifact of ``spec`` or train it in this process, never twice at once."""
     key = spec.key
     found = store.lookup(key)
     if found is not None:
@@ -76,11 +191,10 @@ def ensure_stage(
         found = store.lookup(key)  # finished by another trial while we took the lock
         if found is not None:
             return StageOutcome(spec, found, reused=True)
-        to_tune = ctx.report_to_tune and is_final
-        if ctx.in_process or spec.resources.inline or _in_trial(spec):
-            train_stage_in_process(spec, store, ctx, report_to_tune=to_tune)
-        else:
-            train_stage(spec, store, ctx, report_to_tune=to_tune)
+        starting = getattr(ctx.mirror, "starting", None)
+        if starting is not None:
+            starting(spec)
+        train_stage_in_process(spec, store, ctx, report_to_tune=ctx.report_to_tune and is_final)
         artifact = store.lookup(key)
         if artifact is None:
             raise RayLtError(f"stage {spec.name} ({key}) finished but left no valid artifact")
@@ -94,132 +208,6 @@ def _in_trial(spec: StageSpec) -> bool:
     from ray_lt.objective import get_objective
 
     return get_objective(spec.kind).in_trial
-
-
-def _fault_for(spec: StageSpec) -> tuple[int | None, str]:
-    """``RAY_LT_INJECT_FAULT=<kind>:<epoch>[:kill]``: the epoch at which ``spec`` fails, and
-    how: raise an error, or SIGKILL its own worker process (a real crash, seen by Ray)."""
-    parts = os.environ.get(FAULT_ENV, "").split(":")
-    if len(parts) < 2 or parts[0] != spec.kind:
-        return None, "raise"
-    action = parts[2] if len(parts) > 2 else "raise"
-    if action not in ("raise", "kill"):
-        raise RayLtError(f"{FAULT_ENV}={':'.join(parts)}: the action must be 'raise' or 'kill'")
-    return int(parts[1]), action
-
-
-def _fault_marker(store: ArtifactStore, key: str, epoch: int | None) -> str | None:
-    """Where an injected fault records that it happened (so it fires once per store)."""
-    if epoch is None:
-        return None
-    base = store.train_dir()
-    if "://" in base:
-        base = os.path.join(tempfile.gettempdir(), "ray_lt_train")
-    return os.path.join(base, "_faults", f"{key}-epoch{epoch}")
-
-
-def data_ref(spec: StageSpec, ctx: TrialContext) -> Any:
-    """The dataset's object ref: the driver's if it put one, else load and put it here."""
-    import ray
-
-    from ray_lt.data import load_dataset
-
-    if spec.data not in ctx.data_refs:
-        ctx.data_refs[spec.data] = ray.put(load_dataset(spec.data, ctx.data_root))
-    return ctx.data_refs[spec.data]
-
-
-def train_stage(
-    spec: StageSpec, store: ArtifactStore, ctx: TrialContext, *, report_to_tune: bool
-) -> dict[str, Any]:
-    """One ``TorchTrainer.fit``; its storage name is the key, so a rerun resumes its checkpoint."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    key = spec.key
-    res = spec.resources
-    callbacks = []
-    if report_to_tune:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
-    worker_resources = {"CPU": res.cpus_per_worker}
-    if res.gpus_per_worker:
-        worker_resources["GPU"] = res.gpus_per_worker
-    trainer = TorchTrainer(
-        stage_worker,
-        train_loop_config=_worker_config(spec, store, ctx),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=res.num_workers,
-            use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker=worker_resources,
-        ),
-        run_config=ray.train.RunConfig(
-            storage_path=store.train_dir(),
-            name=key,
-            failure_config=ray.train.FailureConfig(max_failures=2),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=callbacks,
-        ),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    summary = result.return_value or {}
-    _raise_if_nonfinite(spec, summary)
-    return summary
-
-
-def _worker_config(spec: StageSpec, store: ArtifactStore, ctx: TrialContext) -> dict[str, Any]:
-    """What ``stage_worker`` needs: the spec, the store, object refs of the data and inputs, and
-    the fault to inject (tests)."""
-    import ray
-
-    fault, fault_action = _fault_for(spec)
-    # Upstream weights and tables are read from the store once, here, and reach every worker
-    # through the object store (Arrow tables and tensors without a copy per worker).
-    inputs = upstream(store, {name: up.key for name, up in spec.inputs})
-    return {
-        "spec": spec.to_dict(),
-        "key": spec.key,
-        "store": store.uri,
-        "data_ref": data_ref(spec, ctx),
-        "inputs_ref": ray.put(inputs),
-        "fail_at_epoch": fault,
-        "fault_marker": _fault_marker(store, spec.key, fault),
-        "fault_action": fault_action,
-    }
-
-
-def _raise_if_nonfinite(spec: StageSpec, summary: dict[str, Any]) -> None:
-    if summary.get("status") == "nonfinite":
-        last = summary.get("history", [{}])[-1]
-        raise NonFiniteLossError(
-            f"stage {spec.name} ({spec.key}): non-finite loss at epoch {last.get('epoch')} "
-            f"({last.get('loss')}); lower the learning rate (lr={spec.train.lr}) or check the data"
-        )
-
-
-def upstream(store: ArtifactStore, inputs: dict[str, str]) -> dict[str, Any]:
-    """Each input artifact as an ``UpstreamArtifact``: spec, weights, metrics and every table."""
-    from ray_lt.objective import UpstreamArtifact
-
-    out = {}
-    for name, key in inputs.items():
-        art = store.open(key)
-        tables = {
-            Path(f).stem: art.table(Path(f).stem)
-            for f in art.files()
-            if f.startswith("tables/") and f.endswith(".parquet")
-        }
-        out[name] = UpstreamArtifact(
-            key=key,
-            spec=art.spec(),
-            state_dict=art.state_dict(),
-            metrics=art.metrics(),
-            tables=tables,
-        )
-    return out
 
 
 def train_stage_in_process(
@@ -254,7 +242,7 @@ def train_stage_in_process(
         session = TuneReportingSession(session)
     try:
         summary = run_stage(run, session)
-        _raise_if_nonfinite(spec, summary)
+        raise_if_nonfinite(spec, summary)
         store.put(spec.key, out_dir)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -281,38 +269,3 @@ class TuneReportingSession:
 
     def last_checkpoint(self) -> dict[str, Any] | None:
         return self.local.last_checkpoint()
-
-
-def stage_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train worker entry: load data and inputs, run the engine, publish from rank 0."""
-    import ray
-
-    from ray_lt.engine import RayTrainSession, StageRun, run_stage
-    from ray_lt.objective import get_objective
-
-    spec = StageSpec.from_dict(config["spec"])
-    store = ArtifactStore(config["store"])
-    inputs = ray.get(config["inputs_ref"])
-    session = RayTrainSession()
-    out_dir = None
-    if session.world_rank == 0:
-        out_dir = os.path.join(tempfile.gettempdir(), f"ray_lt_out_{uuid.uuid4().hex}")
-    run = StageRun(
-        spec=spec,
-        objective=get_objective(spec.kind),
-        data=ray.get(config["data_ref"]),
-        inputs=inputs,
-        out_dir=out_dir,
-        fail_at_epoch=config.get("fail_at_epoch"),
-        fault_marker=config.get("fault_marker"),
-        fault_action=config.get("fault_action", "raise"),
-    )
-    try:
-        summary = run_stage(run, session)
-        if out_dir and summary["status"] == "ok":
-            store.put(config["key"], out_dir)
-    finally:
-        if out_dir:
-            shutil.rmtree(out_dir, ignore_errors=True)
-    summary["history"] = summary["history"][-1:]
-    return summary

@@ -60,9 +60,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
             tune.report({**_result(done), "artifact": done.key, "seed": config["seed"]})
             return
         # one console line as each stage starts and ends (see ray_lt.console)
-        watch = StageProgress(
-            mirror, trial_label(config), walk(final), exp.metrics[0], store.contains
-        )
+        watch = StageProgress(mirror, trial_label(config), walk(final), exp.metrics[0])
         ctx = TrialContext(
             store_uri=setup.store_uri,
             data_refs=dict(setup.data_refs),

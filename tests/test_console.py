@@ -138,8 +138,9 @@ def test_stage_progress_prints_start_and_end_of_each_stage(tmp_path, capsys):
         src.mkdir()
         (src / "metrics.json").write_text(f'{{"val": {{"overall": {overall}}}}}')
     store.put(crt.key, tmp_path / "crt")  # stored: no start line for it
-    watch = StageProgress(None, "lr=0.1 seed=0", [ce, crt], "val_overall", store.contains)
+    watch = StageProgress(None, "lr=0.1 seed=0", [ce, crt], "val_overall")
     watch.begin()
+    watch.starting(ce)
     ce_artifact = store.put(ce.key, tmp_path / "ce")
     watch.log_stage(ce_artifact, reused=False, final=False)
     watch.log_stage(store.lookup(crt.key), reused=True, final=True)
@@ -156,3 +157,19 @@ def test_stage_progress_prints_start_and_end_of_each_stage(tmp_path, capsys):
         lines[2],
     ), lines
     assert len(lines) == 3
+
+
+def test_stage_progress_leaves_a_worker_groups_stages_to_it(tmp_path, capsys):
+    store = ArtifactStore(tmp_path / "store")
+    ce = tiny_ce()
+    crt = tiny_crt(ce)
+    (tmp_path / "ce").mkdir()
+    (tmp_path / "ce" / "metrics.json").write_text('{"val": {"overall": 0.5}}')
+    watch = StageProgress(None, "lr=0.1 seed=0", [ce, crt], "val_overall")
+    prefixes = watch.worker_progress([ce, crt])
+    assert prefixes == {
+        ce.key: "lr=0.1 seed=0 | stage 1/2 ce",
+        crt.key: "lr=0.1 seed=0 | stage 2/2 crt",
+    }
+    watch.log_stage(store.put(ce.key, tmp_path / "ce"), reused=False, final=False)
+    assert capsys.readouterr().out == ""  # the worker printed its lines as they happened

@@ -3,11 +3,13 @@ store, reuse by key, and the in-process path (same engine, no Ray)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ray_lt.artifacts import ArtifactStore
 from ray_lt.pipeline import TrialContext, run_pipeline, upstream
-from ray_lt.spec import Resources
+from ray_lt.spec import Resources, with_resources
 from tests.conftest import tiny_ce, tiny_crt
 
 
@@ -21,19 +23,28 @@ def ray_session():
 
 
 @pytest.mark.ray
-def test_ddp_stage_on_two_workers_then_reuse(ray_session, tmp_path):
-    ce = tiny_ce(epochs=2).with_resources(Resources(num_workers=2, cpus_per_worker=1))
-    crt = tiny_crt(tiny_ce(epochs=2))  # the same CE key: resources are not part of it
+def test_ddp_stages_train_in_one_worker_group_then_reuse(ray_session, tmp_path):
+    two = Resources(num_workers=2, cpus_per_worker=1)
+    crt = with_resources(tiny_crt(tiny_ce(epochs=2)), two, only_default=False)
+    ce = crt.inputs[0][1]
+    store = ArtifactStore(tmp_path / "store")
     ctx = TrialContext(store_uri=str(tmp_path / "store"))
-    first = run_pipeline(ce, ctx)
-    assert [o.reused for o in first] == [False]
+    first = run_pipeline(crt, ctx)
+    assert [o.reused for o in first] == [False, False]
+    # one TorchTrainer fit trained both stages: one Ray Train run, named by the batch's last key
+    runs = sorted(p.name for p in Path(store.train_dir()).iterdir() if not p.name.startswith("_"))
+    assert runs == [crt.key], runs
     metrics = first[0].artifact.metrics()
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     # two ranks each see half of every epoch: the reported throughput counts both
     assert metrics["history"][-1]["images_per_s"] > 0
-    second = run_pipeline(crt, ctx)
-    assert [o.reused for o in second] == [True, False]
-    assert ArtifactStore(tmp_path / "store").keys() == sorted([ce.key, crt.key])
+    # the second stage read the first one's weights, published by rank 0 before it started
+    ce_weights, crt_weights = first[0].artifact.state_dict(), first[1].artifact.state_dict()
+    convs = [k for k in ce_weights if "conv" in k and k.endswith("weight") and k in crt_weights]
+    assert convs and all(ce_weights[k].equal(crt_weights[k]) for k in convs)
+    again = run_pipeline(tiny_crt(tiny_ce(epochs=2), lr=0.1), ctx)
+    assert [o.reused for o in again] == [True, False]  # resources are not part of the key
+    assert store.keys() == sorted([ce.key, crt.key, again[-1].artifact.key])
 
 
 def test_upstream_carries_weights_and_tables(tmp_path):

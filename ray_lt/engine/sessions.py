@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 STATE_FILE = "state.pt"
+STAGE_FILE = "stage_key.txt"  # in every Ray Train checkpoint: the stage it belongs to
+FINAL_FLAG = "_ray_lt_final"  # in a report: an epoch of the trial's final stage (for Tune)
 
 
 class Session(Protocol):
@@ -65,13 +67,21 @@ class LocalSession:
 
 
 class RayTrainSession:
-    """Inside a ``TorchTrainer`` worker: DDP via Ray Train, reports and checkpoints to Ray."""
+    """Inside a ``TorchTrainer`` worker: DDP via Ray Train, reports and checkpoints to Ray.
 
-    def __init__(self) -> None:
+    One worker group trains several stages in turn (``ray_lt.worker_group``), so a session is
+    per stage: its checkpoints carry the stage's key (``STAGE_FILE``), and the checkpoint Ray
+    hands back after a restart is resumed only by the stage it belongs to. ``final`` marks the
+    reports of the trial's final stage, the only ones passed on to Tune's scheduler.
+    """
+
+    def __init__(self, stage_key: str = "", final: bool = False) -> None:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
+        self.stage_key = stage_key
+        self.final = final
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -84,9 +94,12 @@ class RayTrainSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
 
-        checkpoint = (
-            ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        )
+        checkpoint = None
+        if checkpoint_dir:
+            (Path(checkpoint_dir) / STAGE_FILE).write_text(self.stage_key)
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+        if self.final:
+            metrics = {**metrics, FINAL_FLAG: True}
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def last_checkpoint(self) -> dict[str, Any] | None:
@@ -96,4 +109,14 @@ class RayTrainSession:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
+            named = Path(d) / STAGE_FILE
+            if named.exists() and named.read_text() != self.stage_key:
+                return None  # another stage's: this one starts afresh
             return load_state(d, self.device)
+
+    def barrier(self) -> None:
+        """Every rank waits here (a stage's artifact is published before the next reads it)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
