@@ -1,9 +1,11 @@
 """Harness overhead of a sweep: seconds per trial and per stage beyond the training itself.
 
-Runs the real CLI (``python -m ray_lt.sweep``) on tiny synthetic trials, in three shapes, in one
+Runs the real CLI (``python -m ray_lt.sweep``) on tiny synthetic trials, in four shapes, in one
 run on one machine: one stage per trial in a ``TorchTrainer``; the same stage inline
-(``Resources(num_workers=0)``, in the trial's process); and two chained ``TorchTrainer`` stages
-per trial. Training time is the sum of each trained stage's epoch times (``metrics.json``);
+(``Resources(num_workers=0)``, in the trial's process); two chained stages per trial in one
+worker group (the default); and the same two stages with a worker group each
+(``RAY_LT_ONE_GROUP_PER_STAGE=1``, the path before worker groups were shared).
+Training time is the sum of each trained stage's epoch times (``metrics.json``);
 a trial's time is its MLflow run's start-to-end. Overhead = trial time - training time: Tune's
 trial start, the worker group, data from the object store, publishing to the store, MLflow.
 
@@ -47,7 +49,7 @@ EXPERIMENT = textwrap.dedent(
 
     def pipeline(config):
         first = ce(config["variant"])
-        if SHAPE != "two_stages":
+        if not SHAPE.startswith("two_stages"):
             return first
         return StageSpec(kind="crt", data=DATA, inputs={"features": first},
                          train=TrainSpec(epochs=1, batch_size=32, lr=0.05,
@@ -74,6 +76,8 @@ def run_shape(shape: str, trials: int, workdir: Path, address: str | None) -> di
     cmd += ["--tracking-uri", f"sqlite:///{db}"]
     cmd += ["--address", address] if address else ["--num-cpus", "2"]
     env = {**os.environ, "BENCH_SHAPE": shape, "BENCH_TRIALS": str(trials)}
+    if shape == "two_stages_per_stage":
+        env["RAY_LT_ONE_GROUP_PER_STAGE"] = "1"
     tic = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=workdir)
     wall = time.perf_counter() - tic
@@ -109,16 +113,23 @@ def run_shape(shape: str, trials: int, workdir: Path, address: str | None) -> di
     }
 
 
+def later_stage_s(rows: dict[str, dict[str, float]], two: str) -> float:
+    """Overhead of a trial's second stage: the two-stage trial's minus the one-stage trial's."""
+    if "trainer" not in rows or two not in rows:
+        return float("nan")
+    return rows[two]["overhead_trial_s"] - rows["trainer"]["overhead_trial_s"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--address", help="a running Ray cluster (default: in-process, 2 CPUs)")
-    p.add_argument("--shapes", default="trainer,inline,two_stages")
+    p.add_argument("--shapes", default="trainer,inline,two_stages_per_stage,two_stages")
     args = p.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
-            trials = args.trials if shape != "two_stages" else max(args.trials // 2, 1)
+            trials = args.trials if not shape.startswith("two") else max(args.trials // 2, 1)
             rows[shape] = run_shape(shape, trials, Path(tmp), args.address)
             print(shape, {k: round(v, 2) for k, v in rows[shape].items()}, flush=True)
     base = rows.get("trainer")
@@ -136,6 +147,11 @@ def main() -> None:
             f"{r['trial_s']:.1f} | {r['train_s']:.2f} | {r['overhead_trial_s']:.1f} | "
             f"{r['overhead_stage_s']:.1f} | {ratio:.2f}x |"
         )
+    old, new = later_stage_s(rows, "two_stages_per_stage"), later_stage_s(rows, "two_stages")
+    print(
+        f"\nsecond stage of a trial: {old:.1f} s with a worker group per stage, {new:.1f} s in "
+        f"the trial's worker group ({new / old:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

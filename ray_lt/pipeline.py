@@ -22,6 +22,10 @@ from ray_lt.errors import RayLtError
 from ray_lt.spec import StageSpec, walk
 from ray_lt.worker_group import raise_if_nonfinite, upstream
 
+# "1": a worker group per stage, as before batches (a baseline for bench/sweep_overhead.py, and a
+# way to give each stage a fresh set of processes)
+ONE_GROUP_PER_STAGE_ENV = "RAY_LT_ONE_GROUP_PER_STAGE"
+
 __all__ = ["StageOutcome", "TrialContext", "ensure_stage", "run_pipeline", "upstream"]
 
 
@@ -136,6 +140,8 @@ def _lock_batch(
         if lock.acquire(timeout_s=0, should_stop=lambda k=spec.key: store.contains(k)):
             batch.append(spec)
             locks.append(lock)
+            if os.environ.get(ONE_GROUP_PER_STAGE_ENV) == "1":
+                break
     return batch, locks
 
 
