@@ -4,7 +4,7 @@ before Ray starts, and nothing already stored is touched."""
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,72 +19,136 @@ FIX = Path(__file__).parent / "fixtures"
 ROOT = FIX.parent.parent
 
 
-def _cli(tmp_path, *args, env=None):
+# One Python process serves every CLI case below: each case runs ``python -m ray_lt.sweep``'s own
+# entry point (``main`` with its argv, environment and working folder), its file descriptor 2
+# captured to a file, and a Python traceback written there for an exception that escapes, as the
+# interpreter would print it. Starting the interpreter, Ray, torch and MLflow once instead of
+# once per case is what makes these tests fast.
+DRIVER = """
+import json, os, sys, traceback
+cases = json.loads(open(sys.argv[1]).read())
+base = dict(os.environ)
+for case in cases:
+    os.environ.clear()
+    os.environ.update({**base, **case["env"]})
+    os.chdir(case["cwd"])
+    sys.argv = ["ray_lt.sweep", *case["args"]]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(case["stderr"], "w") as out:
+        os.dup2(out.fileno(), 2)
+        try:
+            from ray_lt.sweep import main
+            code = main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+    os.close(saved)
+    with open(case["stderr"] + ".rc", "w") as rc:
+        rc.write(str(code))
+"""
+
+
+def _args(tmp_path: Path, *args) -> list[str]:
+    store = ["--store", str(tmp_path / "s"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    return [*map(str, args), *store]
+
+
+def _run_cases(work: Path, cases: dict[str, dict]) -> dict[str, tuple[int, list[str], str]]:
+    """Run every case ({"dir", "args", "env"}) in one process; (code, error lines, stderr) each."""
+    plan = [
+        {"cwd": str(c["dir"]), "args": c["args"], "env": c["env"],
+         "stderr": str(work / f"{name}.stderr")}
+        for name, c in cases.items()
+    ]  # fmt: skip
+    (work / "cases.json").write_text(json.dumps(plan))
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ray_lt.sweep",
-            *map(str, args),
-            "--store",
-            str(tmp_path / "s"),
-            "--tracking-uri",
-            f"sqlite:///{tmp_path / 'm.db'}",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, **(env or {})},
+        [sys.executable, "-c", DRIVER, str(work / "cases.json")],
+        cwd=work,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    return proc.returncode, lines, proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {}
+    for name in cases:
+        stderr = (work / f"{name}.stderr").read_text()
+        code = int((work / f"{name}.stderr.rc").read_text())
+        lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+        results[name] = (code, lines, stderr)
+    return results
+
+
+BAD_INPUTS = [
+    (FIX / "missing.py", {}, "does not exist"),
+    (FIX / "broken_syntax.py", {}, "syntax error in"),
+    (FIX / "no_experiment.py", {}, "defines no `experiment = Experiment(...)`"),
+    (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "stage"}, "unknown stage kind 'cee'; known:"),
+    (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "model"}, "unknown backbone 'resnet33'"),
+    (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "dataset"}, "unknown dataset 'cifar1000_lt'"),
+    (
+        FIX / "bad_names.py",
+        {"RAY_LT_TEST_BAD": "data", "RAY_LT_DATA": "/nonexistent/data"},
+        "RAY_LT_DATA",
+    ),
+    (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "empty"}, "empty search space"),
+    (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "impossible"}, "impossible search space"),
+    (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "empty"}, "empty teacher list"),
+    (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "unknown"}, "unknown teacher 'vanila2'"),
+    (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "widths"}, "teacher0=64, teacher1=512"),
+    (
+        ROOT / "experiments/cbd_ens_imagenet_lt.py",
+        {"RAY_LT_DATA": "/no/such/data"},
+        "ImageNet_LT",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict[str, tuple[int, list[str], str, Path]]:
+    """Every bad-input CLI case of this module, each in its own folder, run by one process."""
+    work = tmp_path_factory.mktemp("cli")
+    cases = {}
+    for i, (file, env, _) in enumerate(BAD_INPUTS):
+        folder = work / f"case{i}"
+        folder.mkdir()
+        cases[f"case{i}"] = {"dir": folder, "args": _args(folder, file), "env": env}
+    # the store-intact case: a complete artifact is in the store before the CLI runs
+    from ray_lt.artifacts import ArtifactStore
+
+    intact = work / "intact"
+    intact.mkdir()
+    src = intact / "art"
+    src.mkdir()
+    (src / "metrics.json").write_text("{}")
+    ArtifactStore(intact / "s").put("ce-0123456789abcdef", src)
+    args = _args(intact, FIX / "bad_names.py")
+    cases["intact"] = {"dir": intact, "args": args, "env": {"RAY_LT_TEST_BAD": "stage"}}
+    results = _run_cases(work, cases)
+    return {name: (*results[name], cases[name]["dir"]) for name in cases}
 
 
 @pytest.mark.parametrize(
-    "file, env, expected",
-    [
-        (FIX / "missing.py", {}, "does not exist"),
-        (FIX / "broken_syntax.py", {}, "syntax error in"),
-        (FIX / "no_experiment.py", {}, "defines no `experiment = Experiment(...)`"),
-        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "stage"}, "unknown stage kind 'cee'; known:"),
-        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "model"}, "unknown backbone 'resnet33'"),
-        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "dataset"}, "unknown dataset 'cifar1000_lt'"),
-        (
-            FIX / "bad_names.py",
-            {"RAY_LT_TEST_BAD": "data", "RAY_LT_DATA": "/nonexistent/data"},
-            "RAY_LT_DATA",
-        ),
-        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "empty"}, "empty search space"),
-        (FIX / "bad_names.py", {"RAY_LT_TEST_BAD": "impossible"}, "impossible search space"),
-        (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "empty"}, "empty teacher list"),
-        (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "unknown"}, "unknown teacher 'vanila2'"),
-        (FIX / "bad_cbd.py", {"RAY_LT_TEST_BAD": "widths"}, "teacher0=64, teacher1=512"),
-        (
-            ROOT / "experiments/cbd_ens_imagenet_lt.py",
-            {"RAY_LT_DATA": "/no/such/data"},
-            "ImageNet_LT",
-        ),
-    ],
+    "case", range(len(BAD_INPUTS)), ids=lambda i: f"{BAD_INPUTS[i][0].stem}-{BAD_INPUTS[i][2]}"
 )
-def test_bad_input_is_one_line_and_nonzero(tmp_path, file, env, expected):
-    code, lines, stderr = _cli(tmp_path, file, env=env)
+def test_bad_input_is_one_line_and_nonzero(cli_runs, case):
+    code, lines, stderr, folder = cli_runs[f"case{case}"]
+    expected = BAD_INPUTS[case][2]
     assert code == 2, stderr[-2000:]
     assert len(lines) == 1 and expected in lines[0], stderr[-2000:]
     assert "Traceback" not in stderr
-    assert not (tmp_path / "s" / "_tune").exists()  # failed before any trial ran
+    assert not (folder / "s" / "_tune").exists()  # failed before any trial ran
 
 
-def test_bad_input_leaves_the_store_intact(tmp_path):
+def test_bad_input_leaves_the_store_intact(cli_runs):
     from ray_lt.artifacts import ArtifactStore
 
-    store = ArtifactStore(tmp_path / "s")
-    src = tmp_path / "art"
-    src.mkdir()
-    (src / "metrics.json").write_text("{}")
-    store.put("ce-0123456789abcdef", src)
-    code, _, _ = _cli(tmp_path, FIX / "bad_names.py", env={"RAY_LT_TEST_BAD": "stage"})
-    assert code == 2 and store.lookup("ce-0123456789abcdef") is not None
+    code, _, _, folder = cli_runs["intact"]
+    assert code == 2 and ArtifactStore(folder / "s").lookup("ce-0123456789abcdef") is not None
 
 
 def test_load_experiment_and_smoke_variant():

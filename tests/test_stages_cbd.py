@@ -292,7 +292,7 @@ def test_params_are_checked(kind, params, match):
 def trained(tmp_path_factory):
     """Two teachers (vanilla seed 1, data_aug seed 2), then a student distilling both."""
     store_uri = str(tmp_path_factory.mktemp("cbd") / "store")
-    spec = _student({"teacher0": _teacher("vanilla", 1), "teacher1": _teacher("data_aug", 2)}, 3)
+    spec = _student({"teacher0": _teacher("vanilla", 1), "teacher1": _teacher("data_aug", 2)}, 2)
     outcomes = run_pipeline(spec, TrialContext(store_uri=store_uri, in_process="cpu"))
     return spec, store_uri, outcomes
 
