@@ -1,16 +1,17 @@
 """Where a ``TorchTrainer`` fit's start-up goes: a profile of an empty fit, phase by phase.
 
 An empty training function (it reports once and returns) runs in a fresh 1-worker fit, several
-times, on an in-process Ray. Each phase is read from clocks that need no Ray internals: the
-processes' creation times (``psutil``), the worker's own clock when its function starts and
-ends, and the driver's clock around ``fit()``.
+times, on an in-process Ray: the driver's clock around ``fit()`` and the worker's own clock when
+its function starts and ends split the fit into start-up, the function and tear-down. Ray runs
+actors in worker processes it has already started, so start-up is mostly imports: the
+controller's and the training worker's, which are timed alone, each in a fresh interpreter.
 
     python bench/stage_startup.py --fits 3
     python bench/stage_startup.py --fits 3 --health-check 2.0     # Ray Train's default
 
-Phases: the controller's process appears; the worker's process appears; the worker's function
-starts (imports, the process group, the checkpoint restore are in between); the function ends;
-``fit()`` returns (the controller notices and tears the group down).
+Phases: the worker's function starts (the controller's and the worker's imports, the placement
+group, the process group are in between); the function ends; ``fit()`` returns (the controller
+notices, with its health-check period, and tears the group down).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -31,16 +34,18 @@ def _empty_stage(config: dict) -> dict:
     return {"began": began, "ended": time.time()}
 
 
-def _created(name: str, after: float) -> float | None:
-    """Creation time of the newest process whose title names ``name``, started after ``after``."""
-    import psutil
+IMPORTS = {
+    "import torch (a training worker)": "import torch",
+    "import ray.train.torch (a training worker)": "import ray.train.torch",
+    "import Train's controller": "import ray.train.v2._internal.execution.controller",
+}
 
-    times = []
-    for proc in psutil.process_iter(["cmdline", "create_time"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if name in cmd and proc.info["create_time"] >= after - 1:
-            times.append(proc.info["create_time"])
-    return max(times) if times else None
+
+def import_seconds(statement: str) -> float:
+    """Seconds a fresh interpreter takes to run ``statement`` (as a new actor process would)."""
+    tic = time.perf_counter()
+    subprocess.run([sys.executable, "-c", statement], check=True)
+    return time.perf_counter() - tic
 
 
 def one_fit(storage: str, index: int) -> dict[str, float]:
@@ -56,11 +61,7 @@ def one_fit(storage: str, index: int) -> dict[str, float]:
     result = trainer.fit()
     returned = time.time()
     times = result.return_value
-    controller = _created("TrainController", start)
-    worker = _created("RayTrainWorker", start)
     return {
-        "controller process": (controller or start) - start,
-        "worker process": (worker or start) - start,
         "worker function starts": times["began"] - start,
         "function runs": times["ended"] - times["began"],
         "fit() returns": returned - start,
@@ -85,6 +86,9 @@ def main() -> None:
     print("| phase (seconds after fit() is called) | median |\n|---|---:|")
     for phase in rows[0]:
         print(f"| {phase} | {statistics.median(r[phase] for r in rows):.1f} |")
+    print("| (alone, in a fresh interpreter) | |")
+    for name, statement in IMPORTS.items():
+        print(f"| {name} | {import_seconds(statement):.1f} |")
 
 
 if __name__ == "__main__":
