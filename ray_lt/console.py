@@ -45,8 +45,11 @@ FALSE_ALARMS = ("Actor with class name: 'PreemptionWatcher'",)
 
 
 def progress(text: str) -> None:
-    """Print one progress line from a trial; the driver shows it on the console."""
-    print(f"{PROGRESS_MARK}{text}", flush=True)
+    """Print one progress line from a trial or a stage's worker; the driver shows it on the
+    console. Written to stdout itself: in its workers Ray Train turns ``print`` into a log
+    record, which never reaches the driver."""
+    sys.stdout.write(f"{PROGRESS_MARK}{text}\n")
+    sys.stdout.flush()
 
 
 class StageProgress:

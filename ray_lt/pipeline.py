@@ -245,7 +245,7 @@ def train_stage_in_process(
     device = ctx.in_process or "cpu"  # in_trial stages: cheap by contract, no GPU needed
     session: Any = LocalSession(device, checkpoint_dir=os.path.join(train_dir, spec.key))
     if report_to_tune:
-        session = TuneReportingSession(session)
+        session = TuneReportingSession(session, spec.train.epochs)
     try:
         summary = run_stage(run, session)
         raise_if_nonfinite(spec, summary)
@@ -255,11 +255,13 @@ def train_stage_in_process(
 
 
 class TuneReportingSession:
-    """A ``LocalSession`` inside a Tune trial that also hands each epoch's metrics to Tune
-    (without the checkpoint: the stage resumes from its own, under _train/<key>)."""
+    """A ``LocalSession`` inside a Tune trial that also hands each epoch's metrics but the last
+    to Tune (``engine.sessions.to_scheduler``), without the checkpoint: the stage resumes from
+    its own, under _train/<key>."""
 
-    def __init__(self, local: Any) -> None:
+    def __init__(self, local: Any, epochs: int) -> None:
         self.local = local
+        self.epochs = epochs
         self.world_rank = local.world_rank
         self.world_size = local.world_size
         self.device = local.device
@@ -270,8 +272,11 @@ class TuneReportingSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         from ray import tune
 
+        from ray_lt.engine.sessions import to_scheduler
+
         self.local.report(metrics, checkpoint_dir)
-        tune.report(dict(metrics))
+        if to_scheduler(metrics, self.epochs):
+            tune.report(dict(metrics))
 
     def last_checkpoint(self) -> dict[str, Any] | None:
         return self.local.last_checkpoint()

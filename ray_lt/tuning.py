@@ -93,8 +93,9 @@ def optuna_searcher(exp: Experiment) -> Any:
 
 
 def make_scheduler(exp: Experiment, final_epochs: int) -> Any:
-    """ASHA on one metric, MO-ASHA on several, over the final stage's epochs. ``max_t`` lies past
-    the last epoch, so no trial is stopped at it: the trial still has its final report to make."""
+    """ASHA on one metric, MO-ASHA on several, over the final stage's epochs. No trial is
+    stopped at its last epoch: ``max_t`` lies past it, and the last epoch's report never reaches
+    the scheduler (``engine.sessions.to_scheduler``), so a rung there stops nothing."""
     from ray.tune.schedulers import ASHAScheduler
 
     from ray_lt.moasha import MultiObjectiveASHA

@@ -119,6 +119,7 @@ def _stage_config(
     return {
         "spec": spec.to_dict(),
         "key": spec.key,
+        "epochs": spec.train.epochs,
         "data_ref": data_ref(spec, data_refs, data_root),
         "fail_at_epoch": fault,
         "fault_marker": fault_marker(store, spec.key, fault),
@@ -201,7 +202,8 @@ def batch_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     summaries = []
     datasets: dict[str, Any] = {}
     for stage in config["stages"]:
-        session = RayTrainSession(stage["key"], final=stage["key"] == config["final_key"])
+        final = stage["key"] == config["final_key"]
+        session = RayTrainSession(stage["key"], final=final, epochs=stage["epochs"])
         if _agree(session, store.contains(stage["key"])):
             continue  # trained before a restart of this worker group
         prefix = config["progress"].get(stage["key"]) if session.world_rank == 0 else None

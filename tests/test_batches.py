@@ -1,6 +1,7 @@
 """Which stages a trial hands one worker group (``pipeline._lock_batch``), with real stage locks
 in a real store and no Ray: everything it can lock now, dependencies first; a stage another
-trial holds is left out with its dependants; other resources mean another group."""
+trial holds is left out with its dependants; other resources mean another group. And which of
+the final stage's epoch reports reach Tune's scheduler."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import pytest
 
 from ray_lt.artifacts import ArtifactStore
+from ray_lt.engine.sessions import to_scheduler
 from ray_lt.pipeline import ONE_GROUP_PER_STAGE_ENV, StageOutcome, TrialContext, _lock_batch
 from ray_lt.recipes import cbd
 from ray_lt.spec import Resources, walk
@@ -66,3 +68,9 @@ def test_one_group_per_stage_when_asked(dag, tmp_path, monkeypatch):
     monkeypatch.setenv(ONE_GROUP_PER_STAGE_ENV, "1")
     store = ArtifactStore(tmp_path / "store")
     assert _batch(dag, store) == [dag[0].key]
+
+
+def test_the_last_epoch_never_reaches_the_scheduler():
+    # ASHA may stop a trial at any report it sees: at the last epoch that would lose the stage
+    assert [to_scheduler({"epoch": e}, 3) for e in (1, 2, 3)] == [True, True, False]
+    assert not to_scheduler({"epoch": 1}, 1)  # a one-epoch stage: nothing to stop early

@@ -38,6 +38,16 @@ def load_state(directory: str, device: torch.device) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
 
 
+def to_scheduler(metrics: dict[str, Any], epochs: int) -> bool:
+    """Whether a final stage's epoch report goes to Tune's scheduler: all but the last epoch's.
+
+    ASHA may stop a trial at any report it sees; stopped at its last epoch, a trial would lose
+    the stage it has just finished training, before it is exported. The trial's own closing
+    report carries the final metrics (without an epoch, which the scheduler ignores).
+    """
+    return int(metrics.get("epoch", 0)) < epochs
+
+
 class LocalSession:
     """One process, no Ray: for benchmarks, unit tests and debugging a stage."""
 
@@ -72,16 +82,18 @@ class RayTrainSession:
     One worker group trains several stages in turn (``ray_lt.worker_group``), so a session is
     per stage: its checkpoints carry the stage's key (``STAGE_FILE``), and the checkpoint Ray
     hands back after a restart is resumed only by the stage it belongs to. ``final`` marks the
-    reports of the trial's final stage, the only ones passed on to Tune's scheduler.
+    reports of the trial's final stage, the only ones passed on to Tune's scheduler, except its
+    last epoch's (``to_scheduler``).
     """
 
-    def __init__(self, stage_key: str = "", final: bool = False) -> None:
+    def __init__(self, stage_key: str = "", final: bool = False, epochs: int = 0) -> None:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.stage_key = stage_key
         self.final = final
+        self.epochs = epochs
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -98,7 +110,7 @@ class RayTrainSession:
         if checkpoint_dir:
             (Path(checkpoint_dir) / STAGE_FILE).write_text(self.stage_key)
             checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
-        if self.final:
+        if self.final and to_scheduler(metrics, self.epochs):
             metrics = {**metrics, FINAL_FLAG: True}
         ray.train.report(metrics, checkpoint=checkpoint)
 
