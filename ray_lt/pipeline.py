@@ -137,7 +137,13 @@ def _lock_batch(
         if not all(up.key in done or up.key in inside for _, up in spec.inputs):
             continue
         lock = store.lock(spec.key, ctx.owner)
-        if lock.acquire(timeout_s=0, should_stop=lambda k=spec.key: store.contains(k)):
+        try:
+            taken = lock.acquire(timeout_s=0, should_stop=lambda k=spec.key: store.contains(k))
+        except BaseException:
+            for held in locks:  # a failing store must not leave this batch's locks behind
+                held.release()
+            raise
+        if taken:
             batch.append(spec)
             locks.append(lock)
             if os.environ.get(ONE_GROUP_PER_STAGE_ENV) == "1":
