@@ -51,13 +51,13 @@ def at_once(spans: list[tuple[float, float, str]]) -> tuple[int, float]:
     return most, weighted / busy if busy else 0.0
 
 
-def sweep(file: str, tree: str | None, workdir: Path) -> dict[str, float]:
+def sweep(file: str, tree: str | None, workdir: Path, cpus: int) -> dict[str, float]:
     store = workdir / "store"
     # the baseline's own copy of the file: the workers import the package beside it
     path = os.path.join(tree, file) if tree else os.path.abspath(file)
     cmd = [sys.executable, "-m", "ray_lt.sweep", path, "--smoke"]
     cmd += ["--store", str(store), "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
-    cmd += ["--num-cpus", "2"]
+    cmd += ["--num-cpus", str(cpus)]
     env = dict(os.environ)
     if tree:
         env["PYTHONPATH"] = os.pathsep.join([tree, env.get("PYTHONPATH", "")])
@@ -75,15 +75,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("file", help="an experiment file with a smoke variant, relative to the root")
     p.add_argument("--baseline-tree", help="a checkout to compare with (on PYTHONPATH)")
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=2,
+        help="CPUs Ray may use: a trial takes one and its stage worker one, so 4 lets two "
+        "trials run at once (on 2 cores they then share them)",
+    )
     args = p.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = [("baseline", args.baseline_tree)] if args.baseline_tree else []
         for name, tree in [*runs, ("this checkout", None)]:
             (Path(tmp) / name).mkdir()
-            rows[name] = sweep(args.file, tree, Path(tmp) / name)
+            rows[name] = sweep(args.file, tree, Path(tmp) / name, args.num_cpus)
             print(name, {k: round(v, 2) for k, v in rows[name].items()}, flush=True)
-    print(f"\n{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {args.file} --smoke")
+    print(
+        f"\n{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {args.file} --smoke"
+        f" --num-cpus {args.num_cpus}"
+    )
     print("| checkout | sweep wall s | stages trained | most at once | mean at once | wall vs "
           "baseline |\n|---|---:|---:|---:|---:|---:|")  # fmt: skip
     base = rows.get("baseline", {}).get("wall_s")

@@ -52,6 +52,45 @@ def progress(text: str) -> None:
     sys.stdout.flush()
 
 
+EPOCH_EVENT = "epoch "  # the third field of an epoch's progress line (terminal view only)
+
+
+class EpochEcho:
+    """A session that also prints one progress line per epoch (rank 0): the terminal's live
+    view shows the epoch, its speed and the latest validation metric; the line-per-stage
+    console leaves these lines out. Everything else is the wrapped session's."""
+
+    def __init__(self, session: Any, prefix: str, epochs: int, metric: str) -> None:
+        self.session = session
+        self.prefix = prefix
+        self.epochs = epochs
+        self.metric = metric
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.session.report(metrics, checkpoint_dir)
+        if self.session.world_rank == 0:
+            progress(epoch_line(self.prefix, metrics, self.epochs, self.metric))
+
+
+def epoch_line(prefix: str, metrics: dict[str, Any], epochs: int, metric: str) -> str:
+    """``<prefix> | epoch 3/10 | 1234 img/s | 2.1 s | val_overall=0.4120``."""
+    value = metrics.get(metric)
+    shown = f"{metric}={value:.4f}" if isinstance(value, float) else ""
+    return (
+        f"{prefix} | {EPOCH_EVENT}{int(metrics.get('epoch', 0))}/{epochs} | "
+        f"{float(metrics.get('images_per_s', 0.0)):.0f} img/s | "
+        f"{float(metrics.get('epoch_s', 0.0)):.1f} s | {shown}"
+    )
+
+
+def is_epoch_line(text: str) -> bool:
+    parts = text.split(" | ")
+    return len(parts) > 2 and parts[2].startswith(EPOCH_EVENT)
+
+
 class StageProgress:
     """Stands in for the trial's mirror in ``pipeline.run_pipeline``: it mirrors each stage as
     it ends and prints a start and an end line per stage trained (an end line for one reused).
@@ -95,6 +134,10 @@ class StageProgress:
         """The line prefix of each stage a worker group is about to train (it prints them)."""
         self.in_workers.update(s.key for s in batch)
         return {s.key: self._where(s.key) for s in batch}
+
+    def epoch_echo(self, session: Any, spec: StageSpec) -> Any:
+        """``session``, also printing a line per epoch of ``spec`` (trained in this process)."""
+        return EpochEcho(session, self._where(spec.key), spec.train.epochs, self.metric)
 
     def log_stage(self, artifact: Any, *, reused: bool, final: bool) -> None:
         """Mirror the stage that just ended and print its end line (unless a worker did)."""
@@ -171,6 +214,7 @@ class QuietConsole:
         self.file: TextIO | None = None
         self.out: TextIO = sys.stdout  # the console, also while Tune's prints are redirected
         self._saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+        self.view: Any = None  # a ``live_view.LiveView`` on a terminal, set by the driver
 
     def open(self) -> None:
         """Before ``ray.init``: the driver's log records go to the file from here on."""
@@ -200,9 +244,19 @@ class QuietConsole:
         who = f"({name} pid={data.get('pid')})"
         for line in data.get("lines", []):
             if PROGRESS_MARK in line:
-                print(line.split(PROGRESS_MARK, 1)[1], file=self.out, flush=True)
+                self.show(line.split(PROGRESS_MARK, 1)[1])
             elif self.file is not None:
                 self.file.write(f"{who} {line}\n")
+
+    def show(self, text: str) -> None:
+        """A trial's progress line: on the live view when there is one, else printed (a line
+        per stage start and end; epoch lines only in the log file)."""
+        if self.view is not None:
+            self.view.line(text)
+        elif not is_epoch_line(text):
+            print(text, file=self.out, flush=True)
+        elif self.file is not None:
+            self.file.write(f"{text}\n")
 
     @contextlib.contextmanager
     def tune_prints(self) -> Iterator[None]:

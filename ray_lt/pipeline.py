@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ class TrialContext:
     owner: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
     report_to_tune: bool = False  # the final stage's epochs feed Tune's scheduler
     in_process: str | None = None  # a torch device: train here, without Ray (benchmarks, debug)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # key -> training's length
 
 
 @dataclass
@@ -169,7 +171,7 @@ def _train_batch(
     from ray_lt.worker_group import train_batch
 
     watch = getattr(ctx.mirror, "worker_progress", None)
-    train_batch(
+    summaries = train_batch(
         batch,
         store,
         ctx.data_refs,
@@ -178,6 +180,7 @@ def _train_batch(
         metric=getattr(ctx.mirror, "metric", "val_overall"),
         data_root=ctx.data_root,
     )
+    ctx.stage_seconds.update({s["key"]: s["seconds"] for s in summaries if "seconds" in s})
     for spec in batch:
         artifact = store.lookup(spec.key)
         if artifact is None:
@@ -206,7 +209,9 @@ def ensure_stage(
         starting = getattr(ctx.mirror, "starting", None)
         if starting is not None:
             starting(spec)
+        started = time.monotonic()
         train_stage_in_process(spec, store, ctx, report_to_tune=ctx.report_to_tune and is_final)
+        ctx.stage_seconds[key] = time.monotonic() - started
         artifact = store.lookup(key)
         if artifact is None:
             raise RayLtError(f"stage {spec.name} ({key}) finished but left no valid artifact")
@@ -252,6 +257,9 @@ def train_stage_in_process(
     session: Any = LocalSession(device, checkpoint_dir=os.path.join(train_dir, spec.key))
     if report_to_tune:
         session = TuneReportingSession(session, spec.train.epochs)
+    echo = getattr(ctx.mirror, "epoch_echo", None)
+    if echo is not None:
+        session = echo(session, spec)
     try:
         summary = run_stage(run, session)
         raise_if_nonfinite(spec, summary)

@@ -8,7 +8,9 @@ forever).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ray_lt.errors import ConfigError, RayLtError
@@ -152,17 +154,80 @@ def check_resources(stages: list[StageSpec], trial_cpus: float) -> None:
 def _node_offers() -> list[tuple[str, dict[str, float]]]:
     """(label, resources) of every live node, and of every node type an autoscaler may add."""
     import ray
-    from ray._private.state import state
 
     offers = [("node", dict(n.get("Resources", {}))) for n in ray.nodes() if n.get("Alive")]
+    for name, resources, _ in autoscaler_node_types():
+        offers.append((f"node type {name!r}", resources))
+    return offers
+
+
+#: Where ``ray up`` leaves the cluster's config on the head; the head's autoscaler reads it.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def autoscaler_node_types(
+    path: str = BOOTSTRAP_CONFIG,
+) -> list[tuple[str, dict[str, float], int]]:
+    """(name, resources, most nodes) of each node type the connected cluster's autoscaler may
+    add, so that a cluster that starts with no GPU worker is not taken for a cluster without
+    GPUs. Ray's GCS holds these for some autoscalers; the cluster launcher's (``ray up``) keeps
+    them only in the config file on the head, which is read when this process is connected to
+    the cluster a ``ray start`` on this machine started. Empty when neither is there.
+    """
+    from ray._private.state import state
+
     try:
         config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler config in this Ray: live nodes only
+    except Exception:  # noqa: BLE001 - no autoscaler config in this Ray: none
         config = None
-    for group in getattr(config, "node_group_configs", []) or []:
-        if group.max_count != 0:
-            offers.append((f"node type {group.name!r}", dict(group.resources)))
-    return offers
+    groups = getattr(config, "node_group_configs", None) or []
+    if groups:
+        return [(g.name, dict(g.resources), g.max_count) for g in groups if g.max_count != 0]
+    if not _joined_this_machines_cluster():
+        return []
+    return node_types_in_launcher_config(os.path.expanduser(path))
+
+
+def _joined_this_machines_cluster() -> bool:
+    """Whether this process's Ray is the cluster ``ray start`` on this machine started (a
+    sweep's in-process Ray on a head node must not borrow the head's node types)."""
+    import ray
+    from ray._common.utils import get_ray_address_file
+
+    try:
+        node = ray._private.worker.global_worker.node
+        started = Path(get_ray_address_file(node.get_temp_dir_path())).read_text().strip()
+        return ray.get_runtime_context().gcs_address == started
+    except (OSError, AttributeError):
+        return False
+
+
+def node_types_in_launcher_config(path: str) -> list[tuple[str, dict[str, float], int]]:
+    """The worker node types of a cluster-launcher config (``available_node_types`` less the
+    head's type), each with its numeric resources and ``max_workers``; a missing or unreadable
+    file gives none."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    found = []
+    for name, node_type in types.items():
+        if name == head or not isinstance(node_type, dict):
+            continue
+        most = int(node_type.get("max_workers", config.get("max_workers", 0)))
+        resources = {
+            k: float(v)
+            for k, v in (node_type.get("resources") or {}).items()
+            if isinstance(v, (int, float))
+        }
+        if most != 0:
+            found.append((name, resources, most))
+    return found
 
 
 def _fits(need: Mapping[str, float], offer: Mapping[str, float]) -> bool:

@@ -1,13 +1,15 @@
 """``python -m ray_lt.report FILE``: the experiment's ablation tables, figures and HTML page.
 
-Reads the experiment's finished trial runs from MLflow (the same tracking URI the sweep used)
+Reads the finished trial runs of the experiment's newest sweep from MLflow (the same tracking
+URI the sweep used; ``--sweep RUN_ID`` for an older sweep, ``--all-sweeps`` for every trial run)
 and writes ``reports/<experiment>/table.{md,tex,csv}``, the figures and ``index.html`` (one
 self-contained page); the Markdown table is also printed. Test-split numbers, mean ± std over
 seeds with the 95% confidence interval, best per column in bold, and a significance mark against
 the baseline row (the experiment's ``baseline``, or ``--baseline key=value[,key=value]``).
 ``--stages`` adds a row per upstream stage; ``--front`` picks the Pareto figure's two metrics
-(default: a two-objective experiment's objectives, else overall vs few). docs/report.md says
-what every column and figure means.
+(default: a two-objective experiment's objectives, else overall vs few). The files are also
+logged as artifacts (``report/``) of the sweep run reported. docs/report.md says what every
+column and figure means.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import sys
 
 from ray_lt.errors import ConfigError, RayLtError
 from ray_lt.experiment import load_experiment
+from ray_lt.report_runs import SweepChoice, choose_sweep
 from ray_lt.reporting import DEFAULT_METRICS, build_report
-from ray_lt.tracking import default_tracking_uri, normalize_uri
+from ray_lt.tracking_store import default_tracking_uri, normalize_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         help="the Pareto figure's two metrics, e.g. overall,few (default: the experiment's two "
         "objectives with 'val_' dropped, else overall,few when both were logged)",
     )
+    p.add_argument(
+        "--sweep",
+        metavar="RUN_ID",
+        help="the MLflow run id of the sweep to report (default: the experiment's newest sweep; "
+        "every trial run when the experiment has no sweep run)",
+    )
+    p.add_argument(
+        "--all-sweeps",
+        action="store_true",
+        help="report every trial run of the experiment, whatever sweep ran it",
+    )
     args = p.parse_args(argv)
     # MLflow draws a progress bar for every artifact the report downloads (per-class tables)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -64,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         baseline = parse_baseline(args.baseline) if args.baseline is not None else exp.baseline
         front, modes = front_of(args.front, exp.metrics, exp.modes)
         uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
+        chosen = choose_sweep(
+            uri, exp.name, smoke=args.smoke, sweep=args.sweep, all_sweeps=args.all_sweeps
+        )
         report = build_report(
             uri,
             exp.name,
@@ -76,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             stages=args.stages,
             front=front,
             front_modes=modes,
+            sweep=chosen.run_id,
+            all_sweeps=chosen.run_id is None,
         )
     except RayLtError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -83,21 +102,28 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown)
     for kind, path in sorted(report.files.items()):
         print(f"wrote {kind}: {path}")
-    log_to_mlflow(uri, exp.name, args.out or f"reports/{exp.name}", args.smoke)
+    log_to_mlflow(uri, exp.name, args.out or f"reports/{exp.name}", chosen)
     return 0
 
 
-def log_to_mlflow(uri: str, experiment: str, out_dir: str, smoke: bool) -> None:
-    """Copy the report into MLflow as a run of the experiment (the UI then shows index.html);
-    the files on disk are the report, so a failure here is a warning, never an error."""
+def log_to_mlflow(uri: str, experiment: str, out_dir: str, chosen: SweepChoice) -> None:
+    """Copy the report into MLflow as artifacts of the sweep run it reports (the UI then shows
+    ``report/index.html`` on that run); the files on disk are the report, so a failure here is
+    a warning, never an error. A report of every trial run belongs to no one sweep: no copy."""
     from ray_lt.tracking import Tracker
 
+    if chosen.run_id is None:
+        print(f"MLflow: the report reads {chosen.name}; it is not copied to a sweep run")
+        return
     try:
-        run_id = Tracker(uri, experiment).log_report(out_dir, smoke)
+        Tracker(uri, experiment).log_report(out_dir, chosen.run_id)
     except Exception as err:  # noqa: BLE001 - MLflow holds a copy; the report is written
         print(f"warning: the report was not copied to MLflow: {err}", file=sys.stderr)
         return
-    print(f"MLflow: run {run_id} of '{experiment}' holds the report (report/index.html)")
+    print(
+        f"MLflow: sweep run '{chosen.name}' ({chosen.run_id}) of '{experiment}' holds the "
+        "report (report/index.html)"
+    )
 
 
 def front_of(

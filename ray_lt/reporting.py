@@ -1,6 +1,7 @@
 """Turn a sweep's MLflow trial runs into the ablation tables and figures a paper would print.
 
-Groups the ``ray_lt.role=trial`` runs by ``ray_lt.config_id`` and writes mean ± std over seeds,
+Reads the trial runs of one sweep run (``report_runs.py``: the newest by default), groups the
+``ray_lt.role=trial`` runs by ``ray_lt.config_id`` and writes mean ± std over seeds,
 the 95% confidence interval of the mean and, when a baseline row is named, a significance mark
 from a t-test against it (``ray_lt.stats``) as Markdown, LaTeX (booktabs), CSV and one HTML
 page, plus figures (``report_figures.py``: Pareto front, shot groups, per-class accuracy from
@@ -34,12 +35,12 @@ from ray_lt.report_model import (
 )
 from ray_lt.report_model import nan_stats as _nan_stats
 from ray_lt.report_model import natural_key as _natural_key
+from ray_lt.report_runs import FIX as _FIX
+from ray_lt.report_runs import choose_sweep, client_for, trial_runs
 from ray_lt.report_stages import learning_curves, search_stage_runs, stage_rows
 from ray_lt.report_write import FigureInputs, write_report
 from ray_lt.stats import compare
 from ray_lt.tracking import flatten
-
-_FIX = "run `python -m ray_lt.sweep FILE` first (or pass --tracking-uri)"
 
 
 def build_report(
@@ -55,6 +56,8 @@ def build_report(
     stages: bool = False,
     front: Sequence[str] | None = None,
     front_modes: Sequence[str] = ("max", "max"),
+    sweep: str | None = None,
+    all_sweeps: bool = False,
 ) -> Report:
     """Read the finished trial runs of an experiment and write its tables, figures and page.
 
@@ -79,16 +82,27 @@ def build_report(
         front: the two metrics of the Pareto figure; both must have been logged, else
             ``ConfigError``. None: ``overall`` vs ``few``, drawn when both were logged.
         front_modes: "max" / "min" per front metric.
+        sweep: the run id of the sweep run whose trials to read (None: ``choose_sweep``'s
+            default, the newest sweep run, else every trial run).
+        all_sweeps: read every trial run of the experiment, whatever sweep ran it.
     """
     metrics = list(metrics)
     front_pair, modes = _check_args(metrics, mode, front, front_modes)
-    client = _client(tracking_uri)
-    runs = _trial_runs(client, tracking_uri, experiment_name, smoke)
+    chosen = choose_sweep(
+        tracking_uri, experiment_name, smoke=smoke, sweep=sweep, all_sweeps=all_sweeps
+    )
+    client = client_for(tracking_uri)
+    runs = trial_runs(client, tracking_uri, experiment_name, smoke, chosen.run_id)
     finished = [r for r in runs if r.info.status == "FINISHED"]
     skipped = Counter(r.info.status for r in runs if r.info.status != "FINISHED")
     if not finished:
         which = "" if smoke is None else f" (ray_lt.smoke={str(smoke).lower()})"
         what = f"experiment '{experiment_name}'{which} in {tracking_uri}"
+        if chosen.run_id is not None:
+            raise RayLtError(
+                f"no finished trial runs in sweep {chosen.name} ({chosen.run_id}) of {what}; "
+                "pass --sweep RUN_ID for another sweep, or --all-sweeps"
+            )
         raise RayLtError(f"no finished trial runs of {what}; {_FIX}")
     logged = sorted({k for r in finished for k in r.data.metrics})
     _check_logged(metrics, logged, experiment_name)
@@ -171,43 +185,6 @@ def _group_of_logged(metric: str, logged: list[str]) -> bool:
         return True
     head, _, group = metric.rpartition("_")
     return bool(head) and group in DEFAULT_METRICS and f"{head}_overall" in logged
-
-
-def _client(tracking_uri: str):
-    """An MlflowClient bound to ``tracking_uri``; refuses a sqlite file that does not exist."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-        if db and db != ":memory:" and not Path(db).is_file():
-            raise RayLtError(f"MLflow tracking database {db} does not exist; {_FIX}")
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def _trial_runs(client, tracking_uri: str, name: str, smoke: bool | None) -> list:
-    """All active trial runs of experiment ``name`` (any status), filtered by the smoke tag."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        exp = client.get_experiment_by_name(name)
-        if exp is None or exp.lifecycle_stage != "active":
-            known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-            where = f"{tracking_uri} (known: {known})"
-            raise RayLtError(f"experiment '{name}' not found in {where}; {_FIX}")
-        runs, token, query = [], None, "tags.`ray_lt.role` = 'trial'"
-        while token != "":
-            page = client.search_runs([exp.experiment_id], query, page_token=token)
-            runs.extend(page)
-            token = page.token or ""
-    except MlflowException as exc:
-        fix = "pass a valid --tracking-uri such as sqlite:////abs/path/mlflow.db"
-        raise RayLtError(
-            f"cannot read MLflow store {tracking_uri}: {_first_line(exc)}; {fix}"
-        ) from exc
-    if smoke is not None:
-        want = "true" if smoke else "false"
-        runs = [r for r in runs if r.data.tags.get("ray_lt.smoke", "false").lower() == want]
-    return runs
 
 
 def _rows(finished: list, metrics: list[str]) -> tuple[list[ReportRow], int]:

@@ -29,11 +29,13 @@ from ray_lt.interrupts import (
     after_interrupt,
     quiet_tune_interrupt_lines,
 )
+from ray_lt.mirror import begin_sweep_run, end_sweep_run
 from ray_lt.preflight import check_pipeline, check_resources, check_space
 from ray_lt.spec import StageSpec, walk
 from ray_lt.summary import summarize
-from ray_lt.tracking import Tracker, default_tracking_uri, normalize_uri
+from ray_lt.tracking import Tracker
 from ray_lt.tracking_server import free_port
+from ray_lt.tracking_store import default_tracking_uri, normalize_uri
 from ray_lt.trial import SweepSetup, apply_resources, trial_cpus
 from ray_lt.tuning import build_tuner, gpu_fraction, worker_resources
 
@@ -75,6 +77,7 @@ class Sweep:
     tracking_uri: str
     data_root: str | None
     gpus: float | None  # --gpus-per-worker, None for auto
+    run_id: str | None = None  # this invocation's MLflow sweep run (mirror.begin_sweep_run)
 
 
 def parse_args(argv: list[str] | None) -> SweepArgs:
@@ -157,18 +160,28 @@ def run_sweep(args: SweepArgs, argv: list[str]) -> int:
         _replay(sweep)
     interrupts = Interrupts()
     console = None if args.verbose else QuietConsole(log_path(sweep.store.uri, sweep.exp.name))
+    if console is not None:
+        console.view = _live_view(sweep.exp)
     try:
         with interrupts.installed():
             results = _run_tune(sweep, interrupts, console)
     except SweepInterrupted:
         results = None
+    except BaseException:
+        end_sweep_run(sweep.tracking_uri, sweep.exp.name, sweep.run_id, "FAILED")
+        raise
     finally:
         if console is not None:
             console.close()
     if interrupts.received:
-        return after_interrupt(sweep.exp.name, sweep.store, sweep.tracking_uri, interrupts, argv)
+        code = after_interrupt(sweep.exp.name, sweep.store, sweep.tracking_uri, interrupts, argv)
+        end_sweep_run(sweep.tracking_uri, sweep.exp.name, sweep.run_id, "KILLED")
+        return code
     _replay(sweep)
-    return summarize(sweep.exp, results, sweep.tracking_uri)
+    code = summarize(sweep.exp, results, sweep.tracking_uri)
+    status = "FINISHED" if code == 0 else "FAILED"  # 1: every trial failed
+    end_sweep_run(sweep.tracking_uri, sweep.exp.name, sweep.run_id, status)
+    return code
 
 
 def _run_tune(sweep: Sweep, interrupts: Interrupts, console: QuietConsole | None) -> Any:
@@ -191,11 +204,39 @@ def _run_tune(sweep: Sweep, interrupts: Interrupts, console: QuietConsole | None
         tuner = _tuner(sweep)
         quiet_tune_interrupt_lines()
         prints = console.tune_prints() if console is not None else contextlib.nullcontext()
-        with interrupts.tune_running(), prints:
+        view = console.view if console is not None else None
+        with interrupts.tune_running(), prints, _shown(view):
             return tuner.fit()
     finally:
         if started:
             ray.shutdown()
+
+
+def _live_view(exp: Experiment) -> Any:
+    """The terminal's live view of the sweep (``live_view.py``); None on a pipe or a file."""
+    from ray_lt.live_view import LiveView, wanted
+    from ray_lt.plan import plan_sweep
+
+    if not wanted(sys.stdout):
+        return None
+    try:
+        total: int | None = plan_sweep(exp).total
+    except Exception:  # noqa: BLE001 - the heading then counts the trials Tune has made
+        total = None
+    return LiveView(exp.name, total)
+
+
+@contextlib.contextmanager
+def _shown(view: Any) -> Any:
+    """Show ``view`` while Tune runs; it stays on the terminal, drawn one last time."""
+    if view is None:
+        yield
+        return
+    view.start()
+    try:
+        yield
+    finally:
+        view.stop()
 
 
 def _init_ray(sweep: Sweep) -> None:
@@ -236,8 +277,19 @@ def _tuner(sweep: Sweep) -> Any:
     sample = walk(apply_resources(sweep.stages[-1], exp, resources))
     check_resources(sample, trial_cpus(sample))
     refs = {s.data: ray.put(load_dataset(s.data, sweep.data_root)) for s in sweep.stages}
+    # the sweep's MLflow run, made once the sweep can start (a --resume continues its own)
+    sweep.run_id = begin_sweep_run(
+        sweep.store, sweep.tracking_uri, exp, args.file, args.smoke, args.resume
+    )
     setup = SweepSetup(
-        exp, sweep.store.uri, sweep.tracking_uri, sweep.data_root, refs, args.smoke, resources
+        exp,
+        sweep.store.uri,
+        sweep.tracking_uri,
+        sweep.data_root,
+        refs,
+        args.smoke,
+        resources,
+        sweep.run_id,
     )
     trainable, space, tune_config, run_config = build_tuner(
         exp, setup, sweep.store, sweep.stages[-1].train.epochs, trial_cpus(sample)

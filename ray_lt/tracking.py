@@ -1,225 +1,31 @@
-"""MLflow mirror of trials and stages: every trial a run, every stage a nested run.
+"""MLflow mirror of sweeps, trials and stages: sweep run > trial runs > stage runs.
 
-Stage results live in the artifact store first; MLflow gets a copy (params, per-epoch metrics
-from the artifact's history, the artifact files) when a stage finishes or is reused. Writes are
+Each sweep invocation is a run (a ``--resume`` continues it), its trials are runs nested under
+it, and each trial's stages are runs nested under the trial. Stage results live in the artifact
+store first; MLflow gets a copy (params, per-epoch metrics from the artifact's history, the
+artifact files, the training's start and end) when a stage finishes or is reused. Writes are
 batched (``log_batch``) because MLflow's SQLite store is slow with many small writes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
-import os
-import re
-import shlex
-import sqlite3
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ray_lt.errors import RayLtError
+from ray_lt.tracking_store import _store_error, check_reachable, normalize_uri, sqlite_setup
 
-ROLE, TRIAL, STAGE, REPORT = "ray_lt.role", "trial", "stage", "report"
+ROLE, SWEEP, TRIAL, STAGE = "ray_lt.role", "sweep", "trial", "stage"
+PARENT = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment on its GenAI overview (traces, prompts) unless the
 # experiment says it is a model-training one; then it opens on the runs table.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_RUN_NAME = 120  # characters of a run name the runs table can show
 MAX_PARAM_LEN = 500
-SQLITE = "sqlite:///"
-LOCK_WAIT_S = 120.0  # MLflow creates and migrates a new database in seconds
-_SQLITE_READY: set[str] = set()  # SQLite URIs this process has checked and set up
-# MLflow's own refusal of a database whose alembic revision is not its head
-_MLFLOW_OUTDATED = re.compile(
-    r"out-of-date database schema \(found version (\S+), but expected (\S+)\)"
-)
-
-
-def default_tracking_uri(cwd: str | None = None) -> str:
-    """A SQLite store in the working directory, as an absolute URI (Tune changes the CWD)."""
-    return f"sqlite:///{os.path.abspath(os.path.join(cwd or os.getcwd(), 'mlflow.db'))}"
-
-
-def normalize_uri(uri: str) -> str:
-    """One absolute tracking URI for what users type.
-
-    ``sqlite:///rel.db`` and ``x.db`` become absolute SQLite URIs (Tune changes the working
-    directory of trials); a local folder, plain or ``file://``, holds ``mlflow.db`` (MLflow's file
-    store is refused by default since 3.x, docs/ray_notes.md); ``http(s)://`` and other schemes are
-    kept as they are.
-    """
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        return f"sqlite:///{os.path.abspath(path)}" if not path.startswith("/") else uri
-    if uri.startswith("file:"):
-        uri = urllib.parse.unquote(urllib.parse.urlparse(uri).path)
-    if "://" in uri:
-        return uri
-    path = os.path.abspath(os.path.expanduser(uri))
-    return f"sqlite:///{path if path.endswith('.db') else os.path.join(path, 'mlflow.db')}"
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail in one line, fast, when an ``http(s)://`` tracking server does not answer.
-
-    MLflow's own client would retry for minutes before failing; this asks the server's
-    ``/health`` endpoint once.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
-    except urllib.error.HTTPError as err:
-        reason = f"HTTP {err.code}"
-    except (OSError, ValueError) as err:
-        reason = " ".join(str(getattr(err, "reason", err)).split())[:120]
-    raise RayLtError(
-        f"cannot reach the MLflow tracking server {uri} ({reason}); start it (python -m "
-        "ray_lt.tracking_server --port N) or pass --tracking-uri sqlite:///mlflow.db"
-    )
-
-
-@contextlib.contextmanager
-def sqlite_setup(uri: str) -> Iterator[None]:
-    """Run the first opening of a SQLite store in this process alone among all processes.
-
-    MLflow creates the tables and runs every migration the first time it opens an empty
-    database, with no lock between processes: sweeps (or trials) starting together on a new file
-    break each other and can leave it half-migrated for good. Here the file is checked first (a
-    half-migrated one is refused, never touched) and MLflow's set-up then runs under an exclusive
-    lock on ``<db>.lock``. Later openings in this process skip both; other schemes pass through.
-    """
-    if not uri.startswith(SQLITE) or uri in _SQLITE_READY:
-        yield
-        return
-    path = uri[len(SQLITE) :]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _exclusive_lock(f"{path}.lock", LOCK_WAIT_S):
-        check_schema(uri)
-        yield
-    _SQLITE_READY.add(uri)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: str, wait_s: float) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path``, waiting at most ``wait_s`` seconds.
-
-    A blocking ``flock`` cannot time out without signals, which only the main thread may use;
-    this polls instead. The kernel drops the lock when the holder exits, even when it crashes.
-    """
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise RayLtError(
-            f"cannot create the lock file {lock_path} ({err.strerror}); the folder of the "
-            "MLflow database must be writable"
-        ) from None
-    try:
-        deadline = time.monotonic() + wait_s
-        while not _try_flock(fd):
-            if time.monotonic() > deadline:
-                raise RayLtError(
-                    f"waited {wait_s:.0f} s for the lock {lock_path}, held by another process "
-                    "setting up this MLflow database; if none is running (fuser "
-                    f"{lock_path}), run again"
-                )
-            time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def check_schema(uri: str) -> None:
-    """Refuse, in one line, a SQLite file MLflow would fail on or try to migrate again.
-
-    A first start that was interrupted (or raced) leaves alembic's temporary tables, no or an
-    older ``alembic_version``, or tables without a version; MLflow then fails with a long
-    traceback, or migrates again on top of the debris. Only reads the file (sqlite3, no create);
-    a missing or empty file is a new database, which MLflow creates.
-    """
-    path = uri[len(SQLITE) :]
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return
-    try:
-        tables, revisions = _read_schema(path)
-    except sqlite3.DatabaseError as err:
-        raise RayLtError(
-            f"{path} is not an SQLite database MLflow can open ({err}); move it aside or pass "
-            "another --tracking-uri"
-        ) from None
-    debris = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
-    if not debris and not revisions and "experiments" not in tables:
-        return  # no MLflow table yet: MLflow creates them
-    if debris or not revisions:
-        found = f"leftover {', '.join(debris)}" if debris else "tables but no schema revision"
-        raise _schema_error(uri, found)
-    head = _head_revision()
-    if revisions != [head]:
-        raise _schema_error(uri, f"schema revision {', '.join(revisions)}, not {head}", older=True)
-
-
-def _read_schema(path: str) -> tuple[set[str], list[str]]:
-    """The table names of a SQLite file and the revisions in its ``alembic_version``."""
-    conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=rw", uri=True, timeout=30)
-    try:
-        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-        tables = {name for (name,) in rows}
-        revisions: list[str] = []
-        if "alembic_version" in tables:
-            rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
-            revisions = sorted(rev for (rev,) in rows)
-        return tables, revisions
-    finally:
-        conn.close()
-
-
-def _head_revision() -> str:
-    """The schema revision this MLflow writes and expects (the head of its migrations)."""
-    from mlflow.store.db.utils import _get_latest_schema_revision
-
-    return _get_latest_schema_revision()
-
-
-def _schema_error(uri: str, found: str, older: bool = False) -> RayLtError:
-    """One line for a database MLflow cannot use as it is: what was found, and the way out."""
-    path = uri[len(SQLITE) :]
-    cause = "half-migrated (e.g. by an interrupted first start)"
-    fix = f"move it aside (mv {shlex.quote(path)} {shlex.quote(path + '.broken')}) and run again"
-    if older:
-        cause += " or is older"
-        fix += f", or if it is merely older, back it up and run: mlflow db upgrade {uri}"
-    return RayLtError(f"the MLflow database {path} ({found}) was left {cause}; {fix}")
-
-
-def _store_error(uri: str, err: Exception) -> RayLtError:
-    """One line for a tracking store that failed to open or answer."""
-    text = str(err)
-    outdated = _MLFLOW_OUTDATED.search(text)
-    if uri.startswith(SQLITE) and outdated:
-        found = f"schema revision {outdated[1]}, not {outdated[2]}"
-        return _schema_error(uri, found, older=True)
-    first = text.splitlines()[0][:200] if text else ""
-    return RayLtError(
-        f"cannot reach the MLflow tracking store {uri} ({type(err).__name__}: {first}); "
-        "start the server or pass --tracking-uri"
-    )
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -283,6 +89,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = normalize_uri(tracking_uri)
+        self.experiment_name = experiment_name
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         try:
@@ -301,7 +108,64 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - any client failure means the same to the user
             raise _store_error(self.uri, err) from None
 
-    def start_trial(self, trial_id: str, config: Mapping[str, Any], smoke: bool) -> str:
+    def start_sweep(self, file: str, smoke: bool, params: Mapping[str, Any]) -> str:
+        """The run of one sweep invocation, RUNNING; its trials nest under it.
+
+        Named by the experiment and the start time (``cbd_ens · 2026-11-30 19:20 UTC``): the
+        runs table lists one row per sweep, and the report picks the newest by default.
+        """
+        now = time.time()
+        tags = {
+            ROLE: SWEEP,
+            "ray_lt.experiment_file": file,
+            "ray_lt.smoke": str(smoke).lower(),
+            "mlflow.runName": f"{self.experiment_name} · "
+            + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now)),
+        }
+        run = self.client.create_run(self.experiment_id, start_time=int(now * 1000), tags=tags)
+        self._log(run.info.run_id, params=flatten(params))
+        return run.info.run_id
+
+    def resume_sweep(self, run_id: str) -> bool:
+        """RUNNING again, for ``--resume``; False when ``run_id`` is no sweep run of this
+        experiment in this store (e.g. the sweep first ran against another tracking URI)."""
+        run = self.sweep_run(run_id)
+        if run is None:
+            return False
+        resumed = int(run.data.tags.get("ray_lt.resumed", "0")) + 1
+        self.client.set_tag(run_id, "ray_lt.resumed", str(resumed))
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
+    def finish_sweep(self, run_id: str, status: str = "FINISHED") -> dict[str, int]:
+        """Count the sweep's trial runs by status (metrics ``trials``, ``trials_finished``...),
+        then end the sweep run with ``status``; returns the counts."""
+        where = f"tags.`{ROLE}` = '{TRIAL}' and tags.`{PARENT}` = '{run_id}'"
+        trials = self.client.search_runs([self.experiment_id], where, max_results=5000)
+        counts = {"trials": len(trials)}
+        for state in ("FINISHED", "FAILED", "KILLED", "RUNNING"):
+            counts[f"trials_{state.lower()}"] = sum(r.info.status == state for r in trials)
+        self._log(run_id, final=counts)
+        self.client.set_terminated(run_id, status)
+        return counts
+
+    def sweep_run(self, run_id: str) -> Any:
+        """The run ``run_id`` if it is a sweep run of this experiment, else None."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - MLflow raises for an unknown or malformed id
+            return None
+        mine = run.info.experiment_id == self.experiment_id
+        return run if mine and run.data.tags.get(ROLE) == SWEEP else None
+
+    def start_trial(
+        self,
+        trial_id: str,
+        config: Mapping[str, Any],
+        smoke: bool,
+        parent_run_id: str | None = None,
+    ) -> str:
+        """A trial run, nested under its sweep's run when there is one."""
         tags = {
             ROLE: TRIAL,
             "ray_lt.trial_id": trial_id,
@@ -310,6 +174,8 @@ class Tracker:
             "ray_lt.smoke": str(smoke).lower(),
             "mlflow.runName": run_name(config),
         }
+        if parent_run_id:
+            tags[PARENT] = parent_run_id
         run = self.client.create_run(self.experiment_id, tags=tags)
         params = flatten({k: v for k, v in config.items() if not k.startswith("__")})
         self._log(run.info.run_id, params=params)
@@ -335,11 +201,18 @@ class Tracker:
         reused: bool,
         final: bool,
         artifact_dir: str | None,
+        times: tuple[float, float] | None = None,
     ) -> str:
+        """A stage run nested under its trial's run.
+
+        ``times`` is the stage's training (start, end) in seconds since the epoch, so that the
+        runs table's Duration is the training's (a reused stage: the moment of its reuse, twice);
+        None: the time of logging.
+        """
         spec = spec_doc.get("spec", {})
         tags = {
             ROLE: STAGE,
-            "mlflow.parentRunId": parent_run_id,
+            PARENT: parent_run_id,
             "mlflow.runName": stage_run_name(spec, reused),
             "ray_lt.stage_kind": str(spec.get("kind")),
             "ray_lt.stage_name": str(spec.get("name")),
@@ -347,7 +220,10 @@ class Tracker:
             "ray_lt.reused": str(reused).lower(),
             "ray_lt.final": str(final).lower(),
         }
-        run = self.client.create_run(self.experiment_id, tags=tags)
+        start_ms, end_ms = (
+            (math.floor(times[0] * 1000), math.ceil(times[1] * 1000)) if times else (None, None)
+        )
+        run = self.client.create_run(self.experiment_id, start_time=start_ms, tags=tags)
         rid = run.info.run_id
         params = flatten({k: spec.get(k, {}) for k in ("data", "train", "params")})
         history = [] if reused else metrics.get("history", [])
@@ -357,7 +233,7 @@ class Tracker:
         self._log(rid, params=params, steps=steps, final=final_metrics)
         if artifact_dir and not reused:
             self.client.log_artifacts(rid, artifact_dir, artifact_path="artifact")
-        self.client.set_terminated(rid, "FINISHED")
+        self.client.set_terminated(rid, "FINISHED", end_time=end_ms)
         return rid
 
     def finish_trial(
@@ -392,19 +268,11 @@ class Tracker:
             where += f" and attributes.start_time >= {int(started_after_ms)}"
         return self.client.search_runs([self.experiment_id], where, max_results=5000)
 
-    def log_report(self, out_dir: str, smoke: bool) -> str:
-        """A FINISHED run holding a report's files under ``report/``, so that the MLflow UI
-        opens ``report/index.html``; its role keeps it out of every later report's rows."""
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        tags = {
-            ROLE: REPORT,
-            "ray_lt.smoke": str(smoke).lower(),
-            "mlflow.runName": f"report {stamp}",
-        }
-        run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
-        self.client.log_artifacts(run_id, out_dir, artifact_path="report")
-        self.client.set_terminated(run_id, "FINISHED")
-        return run_id
+    def log_report(self, out_dir: str, sweep_run_id: str) -> None:
+        """A report's files under ``report/`` of the sweep run it reports, so that the MLflow
+        UI shows ``report/index.html`` on that sweep's row; a later report of the same sweep
+        overwrites them."""
+        self.client.log_artifacts(sweep_run_id, out_dir, artifact_path="report")
 
     def fail_trial(self, run_id: str, message: str) -> None:
         self.client.set_tag(run_id, "ray_lt.error", message[:MAX_PARAM_LEN])

@@ -31,6 +31,21 @@ class SweepSetup:
     data_refs: dict[Any, Any]
     smoke: bool
     resources: Resources | None
+    sweep_run_id: str | None = None  # the MLflow run of the sweep (trial runs nest under it)
+
+
+def seeded(config: dict[str, Any], seeds: tuple[int, ...] | list[int]) -> dict[str, Any]:
+    """A trial's configuration as its pipeline sees it: Tune's repeat index turned into the
+    seed it stands for (Optuna's sweeps repeat each suggestion once per seed)."""
+    config = dict(config)
+    index = config.pop(TRIAL_INDEX, None)
+    config.setdefault("seed", seeds[int(index or 0) % len(seeds)])
+    return config
+
+
+def seeded_label(config: dict[str, Any], seeds: tuple[int, ...] | list[int]) -> str:
+    """The label a trial's console lines carry, from Tune's side of the trial."""
+    return trial_label(seeded(config, seeds))
 
 
 def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
@@ -47,12 +62,12 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
     from ray_lt.pipeline import TrialContext, run_pipeline
 
     exp = setup.experiment
-    config = dict(config)
-    index = config.pop(TRIAL_INDEX, None)
-    config.setdefault("seed", exp.seeds[int(index or 0) % len(exp.seeds)])
+    config = seeded(config, exp.seeds)
     store = ArtifactStore(setup.store_uri)
     trial_id = tune.get_context().get_trial_id()
-    mirror = TrialMirror(setup.tracking_uri, exp.name, store, trial_id, config, setup.smoke)
+    mirror = TrialMirror(
+        setup.tracking_uri, exp.name, store, trial_id, config, setup.smoke, setup.sweep_run_id
+    )
     try:
         final = apply_resources(call_pipeline(exp, config), exp, setup.resources)
         done = store.lookup(final.key) if mirror.finished_before else None
@@ -67,6 +82,7 @@ def run_trial(config: dict[str, Any], setup: SweepSetup) -> None:
             data_root=setup.data_root,
             mirror=watch,
             report_to_tune=True,
+            stage_seconds=mirror.stage_seconds,  # the mirror logs each stage's real duration
         )
         watch.begin()
         artifact = run_pipeline(final, ctx)[-1].artifact

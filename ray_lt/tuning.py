@@ -11,6 +11,7 @@ the searcher sees. Failed configurations reach the searcher as failed trials
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any
 
 from ray.tune import Callback
@@ -18,8 +19,9 @@ from ray.tune import Callback
 from ray_lt.artifacts import ArtifactStore
 from ray_lt.errors import ConfigError
 from ray_lt.experiment import Experiment
+from ray_lt.live_view import TrialCounts
 from ray_lt.spec import Resources
-from ray_lt.trial import SweepSetup, run_trial
+from ray_lt.trial import SweepSetup, run_trial, seeded_label
 
 
 def build_tuner(
@@ -52,7 +54,10 @@ def build_tuner(
     if exp.scheduler == "asha" and not uses_asha(exp):
         print(f"ray-lt: {scheduler_name(exp)} is off: {_why_no_asha(exp)}")
     scheduler = make_scheduler(exp, final_epochs) if uses_asha(exp) else None
-    callbacks = []
+    # the terminal's live view counts trials through this one (a no-op without a view); it is
+    # always there, since ``--resume`` restores the callbacks a sweep started with
+    label_of = partial(seeded_label, seeds=tuple(exp.seeds))
+    callbacks: list[Any] = [TrialCounts(label_of, exp.metrics[0])]
     if not single and scheduler is not None:
         callbacks.append(StoppedTrials(scheduler, setup.tracking_uri, exp.name))
     trainable = tune.with_resources(
@@ -151,20 +156,46 @@ def gpu_fraction(text: str) -> float:
 
 
 def worker_resources(
-    exp: Experiment, gpus: float | None, cpus: float | None, cluster: dict[str, float]
+    exp: Experiment,
+    gpus: float | None,
+    cpus: float | None,
+    cluster: dict[str, float],
+    node_types: list[tuple[str, dict[str, float], int]] | None = None,
 ) -> Resources | None:
-    """Per-worker resources overriding the experiment's, or None to keep each stage's own."""
+    """Per-worker resources overriding the experiment's, or None to keep each stage's own.
+
+    ``--gpus-per-worker auto`` (``gpus`` None) shares the cluster's GPUs among the concurrent
+    trials. A cluster whose autoscaler adds GPU workers only when trials wait for them shows
+    no GPU at the start, so then the GPUs its node types can bring count instead
+    (``node_types``: (name, resources, most nodes); by default read from the cluster).
+    """
     if gpus is None and cpus is None:
-        if exp.resources.gpus_per_worker or exp.resources.inline or not cluster.get("GPU"):
+        if exp.resources.gpus_per_worker or exp.resources.inline:
             return None
-        share = min(1.0, cluster["GPU"] / exp.max_concurrent_trials)
-        print(f"ray-lt: {cluster['GPU']:g} GPU(s) found; each stage worker gets {share:g} GPU")
+        found, where = cluster.get("GPU", 0.0), "found"
+        if not found:
+            if node_types is None:
+                from ray_lt.preflight import autoscaler_node_types
+
+                node_types = autoscaler_node_types()
+            found = scalable_gpus(node_types)
+            where = "that the autoscaler can add"
+        if not found:
+            return None
+        share = min(1.0, found / exp.max_concurrent_trials)
+        print(f"ray-lt: {found:g} GPU(s) {where}; each stage worker gets {share:g} GPU")
         return Resources(cpus_per_worker=exp.resources.cpus_per_worker, gpus_per_worker=share)
     return Resources(
         num_workers=exp.resources.num_workers,
         cpus_per_worker=cpus if cpus is not None else exp.resources.cpus_per_worker,
         gpus_per_worker=gpus if gpus is not None else exp.resources.gpus_per_worker,
     )
+
+
+def scalable_gpus(node_types: list[tuple[str, dict[str, float], int]]) -> float:
+    """GPUs the node types can bring: GPUs per node times the most nodes, summed (a node type
+    without a limit, -1, counts one node)."""
+    return sum(res.get("GPU", 0.0) * (most if most > 0 else 1) for _, res, most in node_types)
 
 
 class StoppedTrials(Callback):

@@ -28,6 +28,7 @@ from ray_lt.engine.sessions import FINAL_FLAG
 from ray_lt.errors import NonFiniteLossError, RayLtError
 from ray_lt.spec import StageSpec
 
+TORCH_BACKEND_ENV = "RAY_LT_TORCH_BACKEND"  # torch.distributed backend; default: Ray's choice
 FAULT_ENV = "RAY_LT_INJECT_FAULT"  # "<stage kind>:<epoch>": raise once in that stage (tests)
 
 
@@ -56,7 +57,7 @@ def train_batch(
         One summary per stage trained (``status``, ``start_epoch``, ``seconds``, ``key``).
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     res = batch[0].resources
     callbacks = []
@@ -67,6 +68,10 @@ def train_batch(
         worker_resources["GPU"] = res.gpus_per_worker
     trainer = TorchTrainer(
         batch_worker,
+        # Ray opens an NCCL process group for GPU workers; torch refuses NCCL where CUDA is
+        # absent (GPU resources declared on a CPU machine, as the autoscaling test does):
+        # RAY_LT_TORCH_BACKEND=gloo says so
+        torch_config=TorchConfig(backend=os.environ.get(TORCH_BACKEND_ENV) or None),
         train_loop_config={
             "stages": [_stage_config(s, store, data_refs, data_root) for s in batch],
             "store": store.uri,
@@ -210,7 +215,8 @@ def batch_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if prefix:
             _progress(f"{prefix} | start")
         started = time.monotonic()
-        summary = _train_one(stage, store, session, datasets)
+        echo = _echo(session, prefix, stage["epochs"], config["metric"]) if prefix else session
+        summary = _train_one(stage, store, echo, datasets)
         summary["seconds"] = time.monotonic() - started
         summaries.append(summary)
         if summary["status"] != "ok":
@@ -281,6 +287,12 @@ def _progress(text: str) -> None:
     from ray_lt.console import progress
 
     progress(text)
+
+
+def _echo(session: Any, prefix: str, epochs: int, metric: str) -> Any:
+    from ray_lt.console import EpochEcho
+
+    return EpochEcho(session, prefix, epochs, metric)
 
 
 def _shown(artifact: Artifact | None, config: dict[str, Any]) -> str:

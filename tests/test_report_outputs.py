@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import re
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -377,23 +376,45 @@ def test_cli_writes_the_page_and_the_stage_rows(sweep, tmp_path, capsys):
     }
 
 
-def test_cli_copies_the_report_to_an_mlflow_run_that_no_report_counts(sweep, tmp_path, capsys):
+def test_cli_reads_one_sweep_and_logs_the_report_on_its_run(tmp_path, capsys):
+    """Trial runs nest under their sweep's run: the report reads the newest sweep (or the one
+    named, or every trial run), and its files land on that sweep run under ``report/``."""
     from mlflow.tracking import MlflowClient
 
-    file = _experiment_file(tmp_path, "staged")
-    args = [file, "--tracking-uri", sweep["uri"], "--stages"]
-    assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    said = re.search(r"MLflow: run (\w+) of 'staged' holds the report", capsys.readouterr().out)
-    assert said
-    client = MlflowClient(sweep["uri"])
-    run = client.get_run(said[1])
-    assert run.info.status == "FINISHED" and run.data.tags["ray_lt.role"] == "report"
-    names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
-    assert {"index.html", "table.md", "table.csv", "pareto.png"} <= names
-    # a second report reads the same rows: the report run is not a trial or a stage
-    assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    first, second = (tmp_path / "a" / "table.md"), (tmp_path / "b" / "table.md")
-    assert first.read_text(encoding="utf-8") == second.read_text(encoding="utf-8")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri, "setup").client.create_experiment("sw", artifact_location=str(tmp_path / "a"))
+    tracker = Tracker(uri, "sw")
+    legacy = tracker.start_trial("t0", {"lr": 0.3, "seed": 0}, False)  # from before sweep runs
+    tracker.finish_trial(legacy, _metrics(0.3, 0.1), None)
+    sweeps = []
+    for lr in (0.1, 0.2):
+        sweeps.append(tracker.start_sweep("sw.py", False, {"file": "sw.py"}))
+        run = tracker.start_trial(f"t{lr}", {"lr": lr, "seed": 0}, False, sweeps[-1])
+        tracker.finish_trial(run, _metrics(lr, 0.1), None)
+        tracker.finish_sweep(sweeps[-1])
+        time.sleep(0.01)  # distinct start times: the newest sweep is the default
+    file = _experiment_file(tmp_path, "sw")
+    args = [file, "--tracking-uri", uri, "--metrics", "overall"]
+
+    def report(*extra: str) -> str:
+        assert main([*args, "--out", str(tmp_path / "out"), *extra]) == 0
+        return capsys.readouterr().out
+
+    newest = report()
+    assert "lr=0.2" in newest and "lr=0.1" not in newest and "lr=0.3" not in newest
+    assert "MLflow: sweep run 'sw · " in newest and f"({sweeps[1]})" in newest
+    client = MlflowClient(uri)
+    names = {Path(a.path).name for a in client.list_artifacts(sweeps[1], "report")}
+    assert {"index.html", "table.md", "table.csv", "shot_groups.png"} <= names
+    assert client.get_run(sweeps[1]).data.metrics["trials_finished"] == 1
+    older = report("--sweep", sweeps[0])
+    assert "lr=0.1" in older and "lr=0.2" not in older and f"({sweeps[0]})" in older
+    every = report("--all-sweeps")
+    assert all(f"lr={lr}" in every for lr in (0.1, 0.2, 0.3)) and "not copied" in every
+    assert main([*args, "--sweep", legacy]) == 2  # a trial run is no sweep run
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --sweep {legacy} is not a sweep run of 'sw' in {uri} ")
+    assert f"newest first: {sweeps[1]} (sw · " in err and err.count("\n") == 1
 
 
 def _bad_cases(sweep_uri: str, old_uri: str) -> dict:
@@ -429,6 +450,13 @@ def _bad_cases(sweep_uri: str, old_uri: str) -> dict:
             sweep_uri,
             "error: --front 'overall' names 1 metrics; a Pareto front "
             "needs two, e.g. --front overall,few",
+        ),
+        "a sweep run the experiment does not have": (
+            "staged",
+            {},
+            ["--sweep", "0123abcd"],
+            sweep_uri,
+            "error: --sweep 0123abcd is not a sweep run of 'staged' in sqlite:///",
         ),
         "experiment that never ran": (
             "never",
@@ -467,6 +495,7 @@ def old_sweep(tmp_path_factory):
         "stages on runs that predate stage tags",
         "pareto objective never logged",
         "a front of one metric",
+        "a sweep run the experiment does not have",
         "experiment that never ran",
     ],
 )

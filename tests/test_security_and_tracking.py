@@ -20,8 +20,9 @@ import torch
 
 from ray_lt.errors import ConfigError
 from ray_lt.pipeline import TrialContext, run_pipeline
-from ray_lt.tracking import Tracker, normalize_uri
+from ray_lt.tracking import Tracker
 from ray_lt.tracking_server import TrackingServer, free_port
+from ray_lt.tracking_store import normalize_uri
 from tests.conftest import tiny_ce
 
 ROOT = Path(__file__).resolve().parent.parent

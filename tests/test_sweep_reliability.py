@@ -26,6 +26,7 @@ from ray_lt.experiment import Experiment
 from ray_lt.preflight import call_pipeline
 from ray_lt.searchers import FailureAwareLimiter, SeedRepeater
 from tests.conftest import tiny_ce
+from tests.terminal import run_on_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 DIVERGE = ROOT / "tests" / "fixtures" / "diverge.py"
@@ -203,6 +204,22 @@ def _start_and_interrupt(workdir: Path, sig: int) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def _interrupt_on_a_terminal(workdir: Path) -> subprocess.CompletedProcess:
+    """The quickstart smoke sweep on a pseudo-terminal, Ctrl-C once a stage trains."""
+    cmd = _sweep_cmd(QUICKSTART, workdir, "--smoke")
+    locks = workdir / "store" / "_locks"
+    seen: list[float] = []
+
+    def training(screen: str) -> bool:
+        if not seen and locks.exists() and any(p.suffix == ".lock" for p in locks.iterdir()):
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() - seen[0] > 3  # into the stage's training
+
+    run = run_on_terminal(cmd, workdir, timeout=420, interrupt_when=training)
+    assert seen, "no stage started training"
+    return subprocess.CompletedProcess(cmd, run.returncode, run.screen, run.stderr)
+
+
 def _assert_clean_interrupt(workdir: Path, proc: subprocess.CompletedProcess) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 130, out[-4000:]
@@ -218,10 +235,46 @@ def _assert_clean_interrupt(workdir: Path, proc: subprocess.CompletedProcess) ->
     assert statuses and "RUNNING" not in statuses, statuses
 
 
+def _sweep_runs(workdir: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("quickstart-smoke")
+    return client.search_runs([exp.experiment_id], "tags.`ray_lt.role` = 'sweep'")
+
+
+def _assert_hierarchy(workdir: Path) -> str:
+    """One sweep run, FINISHED, over every trial run, each over its stage runs; a trained
+    stage's run lasts at least its epochs' training time. Returns the sweep run's id."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    (sweep,) = _sweep_runs(workdir)
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["ray_lt.resumed"] == "1"
+    trials = _trial_runs(workdir, "quickstart-smoke")
+    assert {t.data.tags.get("mlflow.parentRunId") for t in trials} == {sweep.info.run_id}
+    assert sweep.data.metrics["trials"] == len(trials)
+    where = "tags.`ray_lt.role` = 'stage'"
+    stages = client.search_runs([sweep.info.experiment_id], where, max_results=1000)
+    assert {s.data.tags["mlflow.parentRunId"] for s in stages} <= {t.info.run_id for t in trials}
+    for stage in stages:
+        if stage.data.tags["ray_lt.reused"] == "false":
+            key = stage.data.tags["ray_lt.stage_key"]
+            metrics = json.loads((workdir / "store" / key / "metrics.json").read_text())
+            trained_s = sum(h.get("epoch_s", 0.0) for h in metrics["history"])
+            assert stage.info.end_time - stage.info.start_time >= trained_s * 1000, key
+    return sweep.info.run_id
+
+
 @pytest.mark.ray
 def test_ctrl_c_ends_the_sweep_cleanly_and_resume_finishes_it(tmp_path):
-    proc = _start_and_interrupt(tmp_path, signal.SIGINT)
+    # at a terminal, as a user presses Ctrl-C: the live view is on (SIGTERM's test has a pipe)
+    proc = _interrupt_on_a_terminal(tmp_path)
+    assert "ray-lt quickstart-smoke: " in proc.stdout  # the view was drawn before Ctrl-C
     _assert_clean_interrupt(tmp_path, proc)
+    assert [r.info.status for r in _sweep_runs(tmp_path)] == ["KILLED"]
     resumed = _run(_sweep_cmd(QUICKSTART, tmp_path, "--smoke", "--resume"), tmp_path)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     summary = resumed.stdout.split("\nsweep '")[-1]
@@ -229,6 +282,16 @@ def test_ctrl_c_ends_the_sweep_cleanly_and_resume_finishes_it(tmp_path):
     assert summary.count("  OK ") + summary.count("  STOP ") == 2, summary  # ASHA may stop one
     statuses = [r.info.status for r in _trial_runs(tmp_path, "quickstart-smoke")]
     assert "FINISHED" in statuses and "RUNNING" not in statuses, statuses
+    sweep = _assert_hierarchy(tmp_path)  # the resumed sweep continued the same sweep run
+    from mlflow.tracking import MlflowClient
+
+    from ray_lt.report import main as report_main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = str(tmp_path / "report")
+    assert report_main([str(QUICKSTART), "--smoke", "--tracking-uri", uri, "--out", out]) == 0
+    files = {a.path for a in MlflowClient(uri).list_artifacts(sweep, "report")}
+    assert "report/index.html" in files and "report/table.md" in files
 
 
 @pytest.mark.ray

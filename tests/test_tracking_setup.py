@@ -71,10 +71,10 @@ def test_processes_starting_together_on_a_new_database_all_succeed(tmp_path):
 
 
 def test_lock_held_too_long_fails_in_one_line_naming_the_lock(tmp_path, monkeypatch):
-    from ray_lt import tracking
+    from ray_lt import tracking_store
 
     db = tmp_path / "mlflow.db"
-    monkeypatch.setattr(tracking, "LOCK_WAIT_S", 0.5)
+    monkeypatch.setattr(tracking_store, "LOCK_WAIT_S", 0.5)
     with open(f"{db}.lock", "w") as held:  # another process setting the database up
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(RayLtError) as info:
@@ -155,7 +155,7 @@ def test_mlflow_out_of_date_schema_error_becomes_the_same_one_line_message(good_
     from mlflow.exceptions import MlflowException
     from mlflow.store.db.utils import _verify_schema
 
-    from ray_lt.tracking import _store_error
+    from ray_lt.tracking_store import _store_error
 
     db = tmp_path / "old.db"
     shutil.copyfile(good_db, db)
@@ -241,3 +241,81 @@ def test_runs_are_named_by_configuration_seed_and_stage_role(tmp_path):
         "teacher vanilla1 (reused)",
         "student",
     ]
+
+
+def _artifact(store, key: str, epoch_s: list[float]):
+    """A stored stage artifact (spec, metrics with an epoch history), as a stage publishes it."""
+    import json
+    import tempfile
+
+    history = [{"epoch": i + 1, "epoch_s": s, "overall": 0.4} for i, s in enumerate(epoch_s)]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"key": key, "spec": {"kind": "ce", "name": "ce", "train": {"epochs": 2}}}
+        Path(tmp, "spec.json").write_text(json.dumps(spec))
+        metrics = {"test": {"overall": 0.5}, "val": {"overall": 0.45}, "history": history}
+        Path(tmp, "metrics.json").write_text(json.dumps(metrics))
+        return store.put(key, tmp)
+
+
+def test_sweep_run_holds_its_trials_and_stages_across_resume_and_offline_replay(tmp_path):
+    """One sweep run per sweep, continued by --resume; a trial mirrored offline and replayed
+    later nests under it; a stage run spans its training (measured, else its epochs)."""
+    from mlflow.tracking import MlflowClient
+
+    from ray_lt.artifacts import ArtifactStore
+    from ray_lt.experiment import Experiment
+    from ray_lt.mirror import (
+        TrialMirror,
+        begin_sweep_run,
+        end_sweep_run,
+        replay_outbox,
+        training_times,
+    )
+    from ray_lt.tracking_server import free_port
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    Tracker(uri, "setup").client.create_experiment("nest", artifact_location=str(tmp_path / "a"))
+    store = ArtifactStore(tmp_path / "store")
+    exp = Experiment(name="nest", pipeline=lambda c: None, seeds=(0, 1))
+    sweep = begin_sweep_run(store, uri, exp, "experiments/nest.py", smoke=True, resume=False)
+    end_sweep_run(uri, "nest", sweep, "KILLED")  # interrupted
+    assert begin_sweep_run(store, uri, exp, "experiments/nest.py", True, resume=True) == sweep
+    run = client.get_run(sweep)
+    assert run.info.status == "RUNNING" and run.data.tags["ray_lt.resumed"] == "1"
+    assert re.fullmatch(r"nest · \d{4}-\d\d-\d\d \d\d:\d\d UTC", run.info.run_name)
+    assert run.data.tags["ray_lt.role"] == "sweep" and run.data.tags["ray_lt.smoke"] == "true"
+    assert run.data.tags["ray_lt.experiment_file"] == "experiments/nest.py"
+    assert run.data.params["seeds"] == "[0, 1]" and run.data.params["search"] == "optuna"
+
+    art = _artifact(store, "ce-00000000000000aa", [2.0, 3.0])
+    dead = f"http://127.0.0.1:{free_port()}"  # MLflow unreachable: the trial goes offline
+    mirror = TrialMirror(dead, "nest", store, "t1", {"lr": 0.1, "seed": 0}, True, sweep)
+    mirror.stage_seconds[art.key] = 7.5  # as the pipeline measured it
+    mirror.log_stage(art, reused=False, final=True)
+    reused_at = time.time()
+    mirror.log_stage(art, reused=True, final=True)
+    mirror.finish({"overall": 0.5}, art.key)
+    time.sleep(0.05)
+    assert replay_outbox(store, uri, "nest") == (1, 0)
+    end_sweep_run(uri, "nest", sweep, "FINISHED")
+
+    run = client.get_run(sweep)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["trials"] == 1 and run.data.metrics["trials_finished"] == 1
+    (trial,) = client.search_runs([run.info.experiment_id], "tags.`ray_lt.role` = 'trial'")
+    assert trial.data.tags["mlflow.parentRunId"] == sweep
+    stages = client.search_runs([run.info.experiment_id], "tags.`ray_lt.role` = 'stage'")
+    assert {s.data.tags["mlflow.parentRunId"] for s in stages} == {trial.info.run_id}
+    trained, reused = sorted(stages, key=lambda s: s.data.tags["ray_lt.reused"])
+    published = store.storefs.mtime(store.storefs.path(art.key, "manifest.json"))
+    assert trained.info.end_time == pytest.approx(published * 1000, abs=1)
+    assert trained.info.end_time - trained.info.start_time == pytest.approx(7500, abs=2)
+    assert reused.info.start_time == pytest.approx(reused_at * 1000, abs=20)  # not the replay's
+    assert reused.info.end_time - reused.info.start_time <= 1
+    start, end = training_times(art, None)  # no measured length: the epochs' sum
+    assert end - start == pytest.approx(5.0)
+
+    store.write_record("sweep/nest.json", {"run_id": "0" * 32})  # a run this store lacks
+    fresh = begin_sweep_run(store, uri, exp, "experiments/nest.py", True, resume=True)
+    assert fresh != sweep and client.get_run(fresh).info.status == "RUNNING"

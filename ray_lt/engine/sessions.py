@@ -96,12 +96,12 @@ class RayTrainSession:
         self.epochs = epochs
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = _usable(ray.train.torch.get_device())
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(model, move_to_device=self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -132,3 +132,22 @@ class RayTrainSession:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+CPU_IF_NO_CUDA_ENV = "RAY_LT_CPU_IF_NO_CUDA"  # "1": a GPU torch cannot see means the CPU
+
+
+def _usable(device: torch.device) -> torch.device:
+    """Ray's device for this worker. A GPU that torch cannot see (a node whose NVIDIA driver
+    is broken, or whose GPU count was declared by hand: ``ray start --num-gpus``, a cluster
+    config) fails the stage with the cause, unless ``RAY_LT_CPU_IF_NO_CUDA=1`` says to train
+    on the CPU instead, as the autoscaling test's fake GPU workers do."""
+    if device.type != "cuda" or torch.cuda.is_available():
+        return device
+    if os.environ.get(CPU_IF_NO_CUDA_ENV) != "1":
+        raise RuntimeError(
+            "Ray gave this stage's worker a GPU, but torch finds no CUDA device on its node: "
+            "check the node's NVIDIA driver and the GPU count it declares to Ray "
+            f"({CPU_IF_NO_CUDA_ENV}=1 trains on the CPU instead)"
+        )
+    return torch.device("cpu")
