@@ -12,6 +12,24 @@ from tests.conftest import cifar_root
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def sweep_cmd(file: str | Path, workdir: Path, *extra: str) -> list[str]:
+    """``python -m ray_lt.sweep FILE`` on 2 CPUs with its store and SQLite MLflow in
+    ``workdir``, then ``extra``."""
+    return [
+        sys.executable,
+        "-m",
+        "ray_lt.sweep",
+        str(file),
+        "--store",
+        str(workdir / "store"),
+        "--tracking-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
+
+
 def run_cli(module: str, file: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
     """``python -m MODULE ROOT/FILE --smoke EXTRA...`` in ``workdir``; it must exit 0."""
     env = dict(os.environ)

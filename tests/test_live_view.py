@@ -12,7 +12,6 @@ import io
 import os
 import pty
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from ray_lt.artifacts import ArtifactStore
 from ray_lt.console import PROGRESS_MARK, EpochEcho, QuietConsole, StageProgress, is_epoch_line
 from ray_lt.engine import LocalSession
 from ray_lt.live_view import LiveView, wanted
+from tests.cli import sweep_cmd
 from tests.conftest import tiny_ce, tiny_crt
 from tests.terminal import run_on_terminal
 
@@ -122,20 +122,7 @@ def test_without_a_view_epoch_lines_go_to_the_log_file_only(tmp_path, capsys):
 
 
 def _sweep_cmd(workdir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ray_lt.sweep",
-        str(QUICKSTART),
-        "--smoke",
-        "--store",
-        str(workdir / "store"),
-        "--tracking-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
+    return sweep_cmd(QUICKSTART, workdir, "--smoke", *extra)
 
 
 @pytest.mark.ray

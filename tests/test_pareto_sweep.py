@@ -69,7 +69,8 @@ def test_pareto_search_gets_multi_objective_tpe_and_moasha(tmp_path):
     # ... and the searcher is Optuna's TPE over both objectives.
     searcher = tune_config.search_alg.searcher
     assert searcher.metric == list(PARETO) and searcher.mode == ["max", "max"]
-    assert [type(cb).__name__ for cb in run_config.callbacks] == ["StoppedTrials"]
+    # the live view's trial counts (always there), then the record of MO-ASHA's stops
+    assert [type(cb).__name__ for cb in run_config.callbacks] == ["TrialCounts", "StoppedTrials"]
     single = _tuner_parts(_experiment(metric="val_overall", mode="max"), tmp_path)[1]
     assert isinstance(single.scheduler, ASHAScheduler)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,28 +24,13 @@ from ray_lt.errors import ERROR_KEY, ConfigError
 from ray_lt.experiment import Experiment
 from ray_lt.preflight import call_pipeline
 from ray_lt.searchers import FailureAwareLimiter, SeedRepeater
+from tests.cli import sweep_cmd as _sweep_cmd
 from tests.conftest import tiny_ce
 from tests.terminal import run_on_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 DIVERGE = ROOT / "tests" / "fixtures" / "diverge.py"
 QUICKSTART = ROOT / "experiments" / "quickstart.py"
-
-
-def _sweep_cmd(file: Path, workdir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ray_lt.sweep",
-        str(file),
-        "--store",
-        str(workdir / "store"),
-        "--tracking-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
 
 
 def _run(cmd: list[str], workdir: Path, env: dict[str, str] | None = None):
