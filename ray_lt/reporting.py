@@ -88,22 +88,9 @@ def build_report(
     """
     metrics = list(metrics)
     front_pair, modes = _check_args(metrics, mode, front, front_modes)
-    chosen = choose_sweep(
-        tracking_uri, experiment_name, smoke=smoke, sweep=sweep, all_sweeps=all_sweeps
+    client, finished, skipped = _finished_runs(
+        tracking_uri, experiment_name, smoke, sweep, all_sweeps
     )
-    client = client_for(tracking_uri)
-    runs = trial_runs(client, tracking_uri, experiment_name, smoke, chosen.run_id)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    skipped = Counter(r.info.status for r in runs if r.info.status != "FINISHED")
-    if not finished:
-        which = "" if smoke is None else f" (ray_lt.smoke={str(smoke).lower()})"
-        what = f"experiment '{experiment_name}'{which} in {tracking_uri}"
-        if chosen.run_id is not None:
-            raise RayLtError(
-                f"no finished trial runs in sweep {chosen.name} ({chosen.run_id}) of {what}; "
-                "pass --sweep RUN_ID for another sweep, or --all-sweeps"
-            )
-        raise RayLtError(f"no finished trial runs of {what}; {_FIX}")
     logged = sorted({k for r in finished for k in r.data.metrics})
     _check_logged(metrics, logged, experiment_name)
     front_pair = _front(front_pair, front is not None, logged, experiment_name)
@@ -126,6 +113,34 @@ def build_report(
     inputs.per_class, report.missing_per_class = _load_per_class(client, rows)
     inputs.curve_metric, inputs.curves = learning_curves(client, stage_runs, rows)
     return write_report(report, inputs, out_dir)
+
+
+def _finished_runs(
+    tracking_uri: str,
+    experiment_name: str,
+    smoke: bool | None,
+    sweep: str | None,
+    all_sweeps: bool,
+) -> tuple[Any, list, Counter]:
+    """The chosen sweep's FINISHED trial runs (at least one, else ``RayLtError``), the MLflow
+    client that read them, and how many runs of each other status were left out."""
+    chosen = choose_sweep(
+        tracking_uri, experiment_name, smoke=smoke, sweep=sweep, all_sweeps=all_sweeps
+    )
+    client = client_for(tracking_uri)
+    runs = trial_runs(client, tracking_uri, experiment_name, smoke, chosen.run_id)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    skipped = Counter(r.info.status for r in runs if r.info.status != "FINISHED")
+    if not finished:
+        which = "" if smoke is None else f" (ray_lt.smoke={str(smoke).lower()})"
+        what = f"experiment '{experiment_name}'{which} in {tracking_uri}"
+        if chosen.run_id is not None:
+            raise RayLtError(
+                f"no finished trial runs in sweep {chosen.name} ({chosen.run_id}) of {what}; "
+                "pass --sweep RUN_ID for another sweep, or --all-sweeps"
+            )
+        raise RayLtError(f"no finished trial runs of {what}; {_FIX}")
+    return client, finished, skipped
 
 
 def _check_args(
