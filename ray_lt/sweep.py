@@ -37,7 +37,13 @@ from ray_lt.tracking import Tracker
 from ray_lt.tracking_server import free_port
 from ray_lt.tracking_store import default_tracking_uri, normalize_uri
 from ray_lt.trial import SweepSetup, apply_resources, trial_cpus
-from ray_lt.tuning import build_tuner, gpu_fraction, worker_resources
+from ray_lt.tuning import (
+    build_tuner,
+    check_inline_gpus,
+    gpu_fraction,
+    worker_count,
+    worker_resources,
+)
 
 # MLflow's HTTP client retries for minutes by default; a sweep should notice a lost server fast
 # and keep going (the mirror keeps what it could not write). Users may set their own values.
@@ -62,6 +68,7 @@ class SweepArgs:
     num_cpus: int | None = None
     gpus_per_worker: str = "auto"
     cpus_per_worker: float | None = None
+    num_workers: int | None = None
     dry_run: bool = False
     verbose: bool = False
 
@@ -98,6 +105,12 @@ def parse_args(argv: list[str] | None) -> SweepArgs:
     )
     p.add_argument("--cpus-per-worker", type=float, help="CPUs per stage worker")
     p.add_argument(
+        "--num-workers",
+        type=worker_count,
+        help="workers per stage (DDP when > 1); 0 trains every stage inline, in its trial's "
+        "process on the CPU, without a Ray Train worker group (a quick check of a pipeline)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print every trial's stages and which of them the store already holds; "
@@ -122,13 +135,14 @@ def _checked(args: SweepArgs) -> tuple[Experiment, list[StageSpec], str | None]:
 
 def prepare(args: SweepArgs) -> Sweep:
     """Everything checked before Ray starts: each failure is one line and exit 2."""
+    gpus = None if args.gpus_per_worker == "auto" else gpu_fraction(args.gpus_per_worker)
+    check_inline_gpus(args.num_workers, gpus)
     exp, stages, data_root = _checked(args)
     store = ArtifactStore(_abs(args.store or exp.store))
     tracking_uri = normalize_uri(args.tracking_uri or exp.tracking_uri or default_tracking_uri())
     for name, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     Tracker(tracking_uri, exp.name)  # fails here, in one line, when the store is unreachable
-    gpus = None if args.gpus_per_worker == "auto" else gpu_fraction(args.gpus_per_worker)
     return Sweep(args, exp, stages, store, tracking_uri, data_root, gpus)
 
 
@@ -273,7 +287,9 @@ def _tuner(sweep: Sweep) -> Any:
     from ray_lt.data import load_dataset
 
     exp, args = sweep.exp, sweep.args
-    resources = worker_resources(exp, sweep.gpus, args.cpus_per_worker, ray.cluster_resources())
+    resources = worker_resources(
+        exp, sweep.gpus, args.cpus_per_worker, ray.cluster_resources(), workers=args.num_workers
+    )
     sample = walk(apply_resources(sweep.stages[-1], exp, resources))
     check_resources(sample, trial_cpus(sample))
     refs = {s.data: ray.put(load_dataset(s.data, sweep.data_root)) for s in sweep.stages}

@@ -10,7 +10,9 @@ the searcher sees. Failed configurations reach the searcher as failed trials
 
 from __future__ import annotations
 
+import argparse
 import sys
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -155,12 +157,33 @@ def gpu_fraction(text: str) -> float:
     return value
 
 
+def worker_count(text: str) -> int:
+    """``--num-workers``: an int >= 0 (argparse turns the error into a usage line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0 (0: train inline), got {text!r}")
+    return value
+
+
+def check_inline_gpus(workers: int | None, gpus: float | None) -> None:
+    """``--num-workers 0`` trains on the trial's CPU: a GPU asked for beside it is a mistake."""
+    if workers == 0 and gpus:
+        raise ConfigError(
+            f"--num-workers 0 trains every stage inline on its trial's CPU, so it cannot take "
+            f"--gpus-per-worker {gpus:g}; drop one of the two"
+        )
+
+
 def worker_resources(
     exp: Experiment,
     gpus: float | None,
     cpus: float | None,
     cluster: dict[str, float],
     node_types: list[tuple[str, dict[str, float], int]] | None = None,
+    workers: int | None = None,
 ) -> Resources | None:
     """Per-worker resources overriding the experiment's, or None to keep each stage's own.
 
@@ -168,28 +191,49 @@ def worker_resources(
     trials. A cluster whose autoscaler adds GPU workers only when trials wait for them shows
     no GPU at the start, so then the GPUs its node types can bring count instead
     (``node_types``: (name, resources, most nodes); by default read from the cluster).
+    ``workers`` (``--num-workers``) sets every stage's worker count; 0 trains them inline on
+    the CPU, whatever GPUs the experiment asks for.
     """
+    if workers == 0:
+        cpus = cpus if cpus is not None else exp.resources.cpus_per_worker
+        return Resources(num_workers=0, cpus_per_worker=cpus)
     if gpus is None and cpus is None:
-        if exp.resources.gpus_per_worker or exp.resources.inline:
-            return None
-        found, where = cluster.get("GPU", 0.0), "found"
-        if not found:
-            if node_types is None:
-                from ray_lt.preflight import autoscaler_node_types
-
-                node_types = autoscaler_node_types()
-            found = scalable_gpus(node_types)
-            where = "that the autoscaler can add"
-        if not found:
-            return None
-        share = min(1.0, found / exp.max_concurrent_trials)
-        print(f"ray-lt: {found:g} GPU(s) {where}; each stage worker gets {share:g} GPU")
-        return Resources(cpus_per_worker=exp.resources.cpus_per_worker, gpus_per_worker=share)
+        shared = _shared_gpus(exp, cluster, node_types)
+        if shared is not None or workers is None:
+            return _with_workers(shared, workers)
     return Resources(
-        num_workers=exp.resources.num_workers,
+        num_workers=workers if workers is not None else exp.resources.num_workers,
         cpus_per_worker=cpus if cpus is not None else exp.resources.cpus_per_worker,
         gpus_per_worker=gpus if gpus is not None else exp.resources.gpus_per_worker,
     )
+
+
+def _with_workers(res: Resources | None, workers: int | None) -> Resources | None:
+    return res if res is None or workers is None else replace(res, num_workers=workers)
+
+
+def _shared_gpus(
+    exp: Experiment,
+    cluster: dict[str, float],
+    node_types: list[tuple[str, dict[str, float], int]] | None,
+) -> Resources | None:
+    """``--gpus-per-worker auto``: each stage worker's share of the cluster's GPUs, or None
+    when the experiment sets its own resources or no GPU is found."""
+    if exp.resources.gpus_per_worker or exp.resources.inline:
+        return None
+    found, where = cluster.get("GPU", 0.0), "found"
+    if not found:
+        if node_types is None:
+            from ray_lt.preflight import autoscaler_node_types
+
+            node_types = autoscaler_node_types()
+        found = scalable_gpus(node_types)
+        where = "that the autoscaler can add"
+    if not found:
+        return None
+    share = min(1.0, found / exp.max_concurrent_trials)
+    print(f"ray-lt: {found:g} GPU(s) {where}; each stage worker gets {share:g} GPU")
+    return Resources(cpus_per_worker=exp.resources.cpus_per_worker, gpus_per_worker=share)
 
 
 def scalable_gpus(node_types: list[tuple[str, dict[str, float], int]]) -> float:

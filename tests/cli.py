@@ -47,9 +47,17 @@ def run_cli(module: str, file: str, workdir: Path, *extra: str) -> subprocess.Co
     return proc
 
 
+# What an experiment's smoke test checks is its stages, objectives and report; each stage kind in
+# a Ray Train worker group, and every worker-group behaviour, is tested in test_worker_group.py,
+# test_sweep.py and test_cluster.py. So these sweeps train inline: a worker group's start-up
+# (about 20 s a trial on 2 cores) would be most of their time.
+INLINE = ("--num-workers", "0")
+
+
 def smoke_sweep(file: str, workdir: Path, *extra: str) -> str:
-    """The smoke sweep on 2 CPUs, then its report; every report file exists. Report stdout."""
-    sweep = run_cli("ray_lt.sweep", file, workdir, "--num-cpus", "2", *extra)
+    """The smoke sweep on 2 CPUs, stages inline, then its report; every report file exists.
+    Report stdout."""
+    sweep = run_cli("ray_lt.sweep", file, workdir, "--num-cpus", "2", *INLINE, *extra)
     assert "OK" in sweep.stdout and "ERROR" not in sweep.stdout.split("sweep '")[-1]
     report = run_cli("ray_lt.report", file, workdir)
     assert "Downloading artifacts" not in report.stderr, report.stderr[-2000:]  # no MLflow bars

@@ -74,6 +74,8 @@ def test_fifteen_trials_train_four_teachers(tmp_path):
             f"sqlite:///{tmp_path / 'm.db'}",
             "--num-cpus",
             "2",
+            "--num-workers",  # the race is between trials; worker groups race in test_sweep.py
+            "0",
         ],
         cwd=tmp_path,
         env=env,

@@ -37,6 +37,8 @@ from ray._common.utils import get_default_ray_temp_dir
 
 from ray_lt.artifacts import ArtifactStore
 from ray_lt.preflight import node_types_in_launcher_config
+from ray_lt.spec import Resources
+from ray_lt.sweep import main, parse_args
 from ray_lt.tracking_server import free_port
 from ray_lt.tuning import scalable_gpus, worker_resources
 
@@ -89,6 +91,28 @@ def test_auto_counts_the_gpus_an_empty_cluster_can_add():
     assert res.gpus_per_worker == 1.0  # 8 GPU workers can come, one per concurrent stage
     one = [("ray.worker.gpu", {"CPU": 4.0, "GPU": 1.0}, 1)]
     assert worker_resources(_experiment(4), None, None, {}, node_types=one).gpus_per_worker == 0.25
+
+
+def test_num_workers_overrides_every_stage_and_zero_trains_inline(tmp_path, capsys):
+    gpus = {"CPU": 8.0, "GPU": 2.0}
+    res = worker_resources(_experiment(4), None, None, gpus, node_types=[], workers=2)
+    assert (res.num_workers, res.gpus_per_worker) == (2, 0.5)  # auto still shares the GPUs
+    inline = worker_resources(_experiment(4), None, 0.5, gpus, node_types=[], workers=0)
+    assert inline == Resources(num_workers=0, cpus_per_worker=0.5)  # on the trial's CPU
+    cpu_only = worker_resources(_experiment(), None, None, {"CPU": 4.0}, node_types=[], workers=3)
+    assert (cpu_only.num_workers, cpu_only.gpus_per_worker) == (3, 0.0)
+    with pytest.raises(SystemExit) as bad:
+        parse_args(["x.py", "--num-workers", "-1"])
+    assert bad.value.code == 2 and "must be an int >= 0" in capsys.readouterr().err
+    store = tmp_path / "store"
+    argv = ["x.py", "--num-workers", "0", "--gpus-per-worker", "1", "--store", str(store)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "error: --num-workers 0 trains every stage inline on its trial's CPU, so it cannot "
+        "take --gpus-per-worker 1; drop one of the two"
+    ]
+    assert not store.exists()  # checked before anything else
 
 
 def test_auto_stays_on_cpus_without_gpu_node_types():

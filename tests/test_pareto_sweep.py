@@ -26,6 +26,7 @@ from ray_lt.searchers import FailureAwareLimiter, SeedRepeater
 from ray_lt.tracking import Tracker
 from ray_lt.trial import SweepSetup
 from ray_lt.tuning import StoppedTrials, build_tuner, optuna_searcher, uses_asha
+from tests.cli import INLINE
 from tests.conftest import tiny_ce
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,7 +242,7 @@ def _trial_runs(workdir: Path, experiment: str) -> list:
 @pytest.mark.timeout(1800)  # about 5 minutes on 2 idle cores; far more on a shared machine
 def test_pareto_cbe_smoke_sweep(tmp_path):
     file = ROOT / "experiments" / "pareto_cbe.py"
-    proc = _sweep(file, tmp_path, "--smoke", "--num-cpus", "2", timeout=1700)
+    proc = _sweep(file, tmp_path, "--smoke", "--num-cpus", "2", *INLINE, timeout=1700)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Traceback" not in out, out[-4000:]
