@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from ray_lt.console import (
     StageProgress,
     _without_false_alarms,
 )
-from tests.cli import run_cli
+from tests.cli import run_cli, sweep_cmd
 from tests.conftest import tiny_ce, tiny_crt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,20 +37,7 @@ PREEMPTION_LINE = (
 
 
 def _sweep(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "ray_lt.sweep",
-        str(QUICKSTART),
-        "--smoke",
-        "--store",
-        str(workdir / "store"),
-        "--tracking-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
+    cmd = sweep_cmd(QUICKSTART, workdir, "--smoke", *extra)
     return subprocess.run(
         cmd, cwd=workdir, env=dict(os.environ), capture_output=True, text=True, timeout=880
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ray_lt.artifacts import ArtifactStore
+from tests.cli import sweep_cmd
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,19 +26,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "shared_ce.py"
 def _sweep(workdir: Path, *extra: str, env_extra: dict[str, str] | None = None):
     env = {**os.environ, "RAY_LT_LOCK_HEARTBEAT_S": "2", "RAY_LT_LOCK_STALE_S": "30"}
     env.update(env_extra or {})
-    cmd = [
-        sys.executable,
-        "-m",
-        "ray_lt.sweep",
-        str(FIXTURE),
-        "--store",
-        str(workdir / "store"),
-        "--tracking-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
+    cmd = sweep_cmd(FIXTURE, workdir, *extra)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     (workdir / f"sweep{len(list(workdir.glob('sweep*.log')))}.log").write_text(
         proc.stdout + proc.stderr
