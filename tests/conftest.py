@@ -62,3 +62,14 @@ requires_cifar = pytest.mark.skipif(
     cifar_root() is None,
     reason="CIFAR-100 Parquet not found: set RAY_LT_DATA to a folder with cifar100/train.parquet",
 )
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One in-process Ray for a module's tests (2 CPUs; the dashboard serves the state API that
+    Ray Train's clean-up asks)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    yield
+    ray.shutdown()

@@ -13,15 +13,6 @@ from ray_lt.spec import Resources, with_resources
 from tests.conftest import tiny_ce, tiny_crt
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_ddp_stages_train_in_one_worker_group_then_reuse(ray_session, tmp_path):
     two = Resources(num_workers=2, cpus_per_worker=1)

@@ -30,15 +30,6 @@ TRIALS = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize("method", sorted(TRIALS))
 def test_each_stage_kind_trains_in_a_worker_group_as_it_does_inline(ray_session, tmp_path, method):
