@@ -259,7 +259,18 @@ class Tracker:
             if trial_ids is None or run.data.tags.get("ray_lt.trial_id") in trial_ids:
                 self.client.set_terminated(run.info.run_id, status)
                 closed += 1
+        self._close_orphan_stages(status)
         return closed
+
+    def _close_orphan_stages(self, status: str) -> None:
+        """``log_stage`` creates, fills and ends a stage run in one go; a kill halfway through
+        (Ctrl-C while a stage is being logged) leaves it RUNNING with no end. Such a run whose
+        trial run has ended is ended too (another sweep's live trials keep theirs)."""
+        where = f"tags.`{ROLE}` = '{STAGE}' and attributes.status = 'RUNNING'"
+        for run in self.client.search_runs([self.experiment_id], where, max_results=5000):
+            parent = run.data.tags.get(PARENT)
+            if not parent or self.client.get_run(parent).info.status != "RUNNING":
+                self.client.set_terminated(run.info.run_id, status)
 
     def trial_runs(self, status: str, started_after_ms: int | None = None) -> list:
         """This experiment's trial runs in ``status``, optionally only the recent ones."""

@@ -243,6 +243,26 @@ def test_runs_are_named_by_configuration_seed_and_stage_role(tmp_path):
     ]
 
 
+def test_a_stage_run_cut_off_by_a_kill_is_ended_with_its_trial(tmp_path):
+    from ray_lt.tracking import PARENT, ROLE, STAGE
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "cut")
+    killed, live = (tracker.start_trial(t, {"lr": 0.1, "seed": 0}, smoke=False) for t in "ab")
+    # what a kill between log_stage's create_run and set_terminated leaves: a RUNNING stage run
+    tags = {ROLE: STAGE, "ray_lt.stage_key": "ce-1", "ray_lt.reused": "false"}
+    orphan, running = (
+        tracker.client.create_run(tracker.experiment_id, tags={**tags, PARENT: parent})
+        for parent in (killed, live)
+    )
+    assert tracker.close_unfinished(["a"]) == 1  # trial "b" is another sweep's, still running
+    status = {r: tracker.client.get_run(r).info for r in (killed, orphan.info.run_id)}
+    assert [i.status for i in status.values()] == ["KILLED", "KILLED"]
+    assert all(i.end_time is not None for i in status.values())
+    left = tracker.client.get_run(running.info.run_id).info
+    assert (left.status, left.end_time) == ("RUNNING", None)
+
+
 def _artifact(store, key: str, epoch_s: list[float]):
     """A stored stage artifact (spec, metrics with an epoch history), as a stage publishes it."""
     import json
