@@ -11,38 +11,40 @@ offline): pretrained weights come only from a local file the user names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet as tv
 
 from ray_lt.errors import ConfigError
 
+# Registry keys ``factory.py`` registers, each the name of a torchvision constructor but
+# ResNet-10 (one BasicBlock per stage: CBE's and the decoupling baselines' backbone), which
+# torchvision does not ship.
+TORCHVISION_ARCHS = (
+    "resnet10",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+)
 
-def _resnet10(**kwargs: bool) -> tv.ResNet:
-    """ResNet-10: one BasicBlock per stage, the backbone of CBE and of the decoupling baselines."""
-    return tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], **kwargs)
 
+def _build(arch: str, zero_init_residual: bool) -> nn.Module:
+    """A torchvision model with random weights (never a download).
 
-def _no_download(ctor: Callable[..., tv.ResNet]) -> Callable[..., tv.ResNet]:
-    def build(**kwargs: bool) -> tv.ResNet:
-        return ctor(weights=None, **kwargs)
+    torchvision is imported here, not at the top: importing it pulls in ``torch._dynamo`` (about
+    1.5 s of CPU), which every process that merely imports the model registry (the sweep driver,
+    each trial, each worker of a CIFAR stage) would otherwise pay.
+    """
+    from torchvision.models import resnet as tv
 
-    return build
+    if arch == "resnet10":
+        return tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], zero_init_residual=zero_init_residual)
+    return getattr(tv, arch)(weights=None, zero_init_residual=zero_init_residual)
 
-
-# Registry key -> constructor taking ``zero_init_residual``; ``factory.py`` registers these names.
-TORCHVISION_ARCHS: dict[str, Callable[..., tv.ResNet]] = {
-    "resnet10": _resnet10,
-    "resnet18": _no_download(tv.resnet18),
-    "resnet34": _no_download(tv.resnet34),
-    "resnet50": _no_download(tv.resnet50),
-    "resnet101": _no_download(tv.resnet101),
-    "resnet152": _no_download(tv.resnet152),
-    "resnext50_32x4d": _no_download(tv.resnext50_32x4d),
-}
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -73,7 +75,7 @@ def torchvision_backbone(
     if arch not in TORCHVISION_ARCHS:
         known = ", ".join(TORCHVISION_ARCHS)
         raise ConfigError(f"unknown torchvision architecture '{arch}'; known: {known}")
-    model = TORCHVISION_ARCHS[arch](zero_init_residual=bool(zero_init_residual))
+    model = _build(arch, bool(zero_init_residual))
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
     if fc512:
