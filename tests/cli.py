@@ -12,9 +12,10 @@ from tests.conftest import cifar_root
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def sweep_cmd(file: str | Path, workdir: Path, *extra: str) -> list[str]:
-    """``python -m ray_lt.sweep FILE`` on 2 CPUs with its store and SQLite MLflow in
-    ``workdir``, then ``extra``."""
+def sweep_cmd(file: str | Path, workdir: Path, *extra: str, head: str | None = None) -> list[str]:
+    """``python -m ray_lt.sweep FILE`` with its store and SQLite MLflow in ``workdir``, then
+    ``extra``: on the Ray head at ``head`` (the ``ray_head`` fixture), else in a Ray of its own
+    on 2 CPUs."""
     return [
         sys.executable,
         "-m",
@@ -24,15 +25,26 @@ def sweep_cmd(file: str | Path, workdir: Path, *extra: str) -> list[str]:
         str(workdir / "store"),
         "--tracking-uri",
         f"sqlite:///{workdir / 'mlflow.db'}",
-        "--num-cpus",
-        "2",
+        *ray_args(head),
         *extra,
     ]
 
 
-def run_cli(module: str, file: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    """``python -m MODULE ROOT/FILE --smoke EXTRA...`` in ``workdir``; it must exit 0."""
-    env = dict(os.environ)
+def ray_args(head: str | None) -> list[str]:
+    """A sweep's Ray: the head at ``head``, else an in-process one on 2 CPUs."""
+    return ["--address", head] if head else ["--num-cpus", "2"]
+
+
+# The ``ray_head`` fixture's cluster runs without Ray's token authentication; so must its clients.
+HEAD_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
+def run_cli(
+    module: str, file: str, workdir: Path, *extra: str, head: str | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m MODULE ROOT/FILE --smoke EXTRA...`` in ``workdir``, a client of the Ray head
+    at ``head`` if given; it must exit 0."""
+    env = {**os.environ, **(HEAD_ENV if head else {})}
     if cifar_root() is not None:
         env["RAY_LT_DATA"] = str(cifar_root())
     proc = subprocess.run(
@@ -54,10 +66,10 @@ def run_cli(module: str, file: str, workdir: Path, *extra: str) -> subprocess.Co
 INLINE = ("--num-workers", "0")
 
 
-def smoke_sweep(file: str, workdir: Path, *extra: str) -> str:
-    """The smoke sweep on 2 CPUs, stages inline, then its report; every report file exists.
-    Report stdout."""
-    sweep = run_cli("ray_lt.sweep", file, workdir, "--num-cpus", "2", *INLINE, *extra)
+def smoke_sweep(file: str, workdir: Path, *extra: str, head: str | None = None) -> str:
+    """The smoke sweep (on the Ray head at ``head``, else in its own Ray on 2 CPUs), stages
+    inline, then its report; every report file exists. Report stdout."""
+    sweep = run_cli("ray_lt.sweep", file, workdir, *ray_args(head), *INLINE, *extra, head=head)
     assert "OK" in sweep.stdout and "ERROR" not in sweep.stdout.split("sweep '")[-1]
     report = run_cli("ray_lt.report", file, workdir)
     assert "Downloading artifacts" not in report.stderr, report.stderr[-2000:]  # no MLflow bars

@@ -64,6 +64,20 @@ requires_cifar = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_auth_mode_kept():
+    """Undo what an in-process ``ray.init`` does to this process's environment at the end of each
+    module: it sets ``RAY_AUTH_MODE=token`` for itself and its children, and every later
+    subprocess of this pytest process (a ``ray start`` with a home of its own, which has no token)
+    would inherit it; which modules ran before would then decide what a test sees."""
+    before = os.environ.get("RAY_AUTH_MODE")
+    yield
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = before
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """One in-process Ray for a module's tests (2 CPUs; the dashboard serves the state API that
@@ -73,3 +87,17 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """The address of one Ray head (2 CPUs) that the session's CLI sweeps join with ``--address``
+    when their subject is not the sweep's own in-process Ray: each then skips starting and
+    stopping a Ray (about 5 s and as many CPU seconds). Started at its first use."""
+    from tests.local_cluster import LocalCluster
+
+    head = LocalCluster(tmp_path_factory.mktemp("ray-head"), workers=0, head_cpus=2)
+    try:
+        yield head.start().address
+    finally:
+        head.stop()

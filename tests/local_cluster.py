@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -33,16 +35,29 @@ ENV = {
 
 
 class LocalCluster:
-    """Head (no CPUs: only the driver's bookkeeping lands there) and ``workers`` nodes."""
+    """A head and ``workers`` nodes. The head has ``head_cpus`` CPUs: by default none, so only
+    the driver's bookkeeping lands there.
 
-    def __init__(self, logdir: Path, workers: int = 2, cpus_per_worker: int = 2) -> None:
+    The head keeps its session files in a temporary folder of its own (not ``/tmp/ray``), so a
+    bare ``ray.init(address="auto")`` elsewhere on this machine (another test, another pytest
+    worker) never finds this cluster. The folder's path is short: Ray's socket paths live below
+    it and must stay under the system's 107 characters.
+    """
+
+    def __init__(
+        self, logdir: Path, workers: int = 2, cpus_per_worker: int = 2, head_cpus: int = 0
+    ) -> None:
         self.logdir = logdir
         self.port = free_port()
         self.dashboard_port = free_port()
         self.nodes: dict[str, subprocess.Popen] = {}
         self.workers = workers
         self.cpus = cpus_per_worker
-        self.env = {**os.environ, **ENV}
+        self.head_cpus = head_cpus
+        self.temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
+        # The state API Ray Train's clean-up asks must be this cluster's even when other Ray
+        # instances run on the machine; the nodes' workers inherit this.
+        self.env = {**os.environ, **ENV, "RAY_API_SERVER_ADDRESS": self.dashboard}
 
     @property
     def address(self) -> str:
@@ -68,7 +83,8 @@ class LocalCluster:
             [
                 "--head",
                 f"--port={self.port}",
-                "--num-cpus=0",
+                f"--num-cpus={self.head_cpus}",
+                f"--temp-dir={self.temp_dir}",
                 "--object-store-memory=200000000",
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
@@ -154,10 +170,7 @@ class LocalCluster:
             except psutil.NoSuchProcess:
                 pass
         self.nodes.clear()
-        # ``ray start`` leaves this file behind; a later bare ray.init() would try to join it
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip().endswith(f":{self.port}"):
-            current.unlink()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _wait(self, ready, what: str, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s

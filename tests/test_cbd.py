@@ -15,6 +15,7 @@ from ray_lt.errors import ConfigError
 from ray_lt.recipes import cbd, parse_teacher, split_teachers
 from ray_lt.spec import walk
 from search_spaces.cbd import projection, seeds, teacher_subsets, teachers
+from tests.cli import HEAD_ENV, ray_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,8 +61,8 @@ def test_students_share_teachers_by_key():
 
 
 @pytest.mark.ray
-def test_fifteen_trials_train_four_teachers(tmp_path):
-    env = {**os.environ, "RAY_LT_LOCK_HEARTBEAT_S": "2", "RAY_LT_LOCK_STALE_S": "30"}
+def test_fifteen_trials_train_four_teachers(tmp_path, ray_head):
+    env = {**os.environ, **HEAD_ENV, "RAY_LT_LOCK_HEARTBEAT_S": "2", "RAY_LT_LOCK_STALE_S": "30"}
     proc = subprocess.run(
         [
             sys.executable,
@@ -72,8 +73,7 @@ def test_fifteen_trials_train_four_teachers(tmp_path):
             str(tmp_path / "store"),
             "--tracking-uri",
             f"sqlite:///{tmp_path / 'm.db'}",
-            "--num-cpus",
-            "2",
+            *ray_args(ray_head),
             "--num-workers",  # the race is between trials; worker groups race in test_sweep.py
             "0",
         ],

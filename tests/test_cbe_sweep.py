@@ -11,13 +11,14 @@ import sys
 import pytest
 
 from ray_lt.artifacts import ArtifactStore
-from tests.cli import INLINE, ROOT, run_cli
+from tests.cli import INLINE, ROOT, ray_args, run_cli
 
 pytestmark = pytest.mark.ray
 
 
-def test_cbe_smoke_sweep_and_report(tmp_path):
-    sweep = run_cli("ray_lt.sweep", "experiments/cbe.py", tmp_path, "--num-cpus", "2", *INLINE)
+def test_cbe_smoke_sweep_and_report(tmp_path, ray_head):
+    head = ray_args(ray_head)
+    sweep = run_cli("ray_lt.sweep", "experiments/cbe.py", tmp_path, *head, *INLINE, head=ray_head)
     assert "OK" in sweep.stdout and "ERROR" not in sweep.stdout.split("sweep '")[-1]
     report = run_cli("ray_lt.report", "experiments/cbe.py", tmp_path).stdout
     for row in (

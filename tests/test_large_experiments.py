@@ -71,9 +71,9 @@ def test_full_recipes_name_the_seeds_backbones_at_224(file, backbone):
         ("experiments/cbe_imagenet_lt.py", "imagenet_lt", "resnet10", {"cbe_expert": 3}),
     ],
 )
-def test_smoke_on_a_tiny_tree(tmp_path, file, dataset, backbone, kinds):
+def test_smoke_on_a_tiny_tree(tmp_path, ray_head, file, dataset, backbone, kinds):
     tree = make_tree(tmp_path / "data", dataset, **TREE)
-    smoke_sweep(file, tmp_path, "--data-root", str(tree))
+    smoke_sweep(file, tmp_path, "--data-root", str(tree), head=ray_head)
     stages = _stages(tmp_path)
     for kind, count in kinds.items():
         assert sum(k.startswith(f"{kind}-") for k in stages) == count, sorted(stages)
@@ -83,7 +83,7 @@ def test_smoke_on_a_tiny_tree(tmp_path, file, dataset, backbone, kinds):
 
 
 @pytest.mark.ray
-def test_places_lt_smoke_starts_resnet152_from_user_weights(tmp_path, monkeypatch):
+def test_places_lt_smoke_starts_resnet152_from_user_weights(tmp_path, monkeypatch, ray_head):
     weights = torchvision.models.resnet152(weights=None).state_dict()
     weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_places_lt_smoke_starts_resnet152_from_user_weights(tmp_path, monkeypatc
     save_file(weights, str(path))
     monkeypatch.setenv("RAY_LT_RESNET152_WEIGHTS", str(path))
     tree = make_tree(tmp_path / "data", "places_lt", **TREE)
-    smoke_sweep("experiments/cbe_places_lt.py", tmp_path, "--data-root", str(tree))
+    smoke_sweep("experiments/cbe_places_lt.py", tmp_path, "--data-root", str(tree), head=ray_head)
     stages = _stages(tmp_path)
     assert sum(k.startswith("cbe_calibrate-") for k in stages) == 1
     assert _backbones(tmp_path) == {"resnet152"}

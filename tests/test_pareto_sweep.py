@@ -26,7 +26,7 @@ from ray_lt.searchers import FailureAwareLimiter, SeedRepeater
 from ray_lt.tracking import Tracker
 from ray_lt.trial import SweepSetup
 from ray_lt.tuning import StoppedTrials, build_tuner, optuna_searcher, uses_asha
-from tests.cli import INLINE
+from tests.cli import HEAD_ENV, INLINE, ray_args
 from tests.conftest import tiny_ce
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,8 +217,10 @@ def test_one_metric_pareto_file_exits_2_before_ray(tmp_path):
 # --- end to end -------------------------------------------------------------------------------
 
 
-def _sweep(file: Path, workdir: Path, *extra: str, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _sweep(
+    file: Path, workdir: Path, *extra: str, timeout: int, head: str | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(HEAD_ENV if head else {})}
     cmd = [sys.executable, "-m", "ray_lt.sweep", str(file), "--store", str(workdir / "store"),
            "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", *extra]  # fmt: skip
     proc = subprocess.run(
@@ -240,9 +242,10 @@ def _trial_runs(workdir: Path, experiment: str) -> list:
 
 @pytest.mark.ray
 @pytest.mark.timeout(1800)  # about 5 minutes on 2 idle cores; far more on a shared machine
-def test_pareto_cbe_smoke_sweep(tmp_path):
+def test_pareto_cbe_smoke_sweep(tmp_path, ray_head):
     file = ROOT / "experiments" / "pareto_cbe.py"
-    proc = _sweep(file, tmp_path, "--smoke", "--num-cpus", "2", *INLINE, timeout=1700)
+    extra = ("--smoke", *ray_args(ray_head), *INLINE)
+    proc = _sweep(file, tmp_path, *extra, timeout=1700, head=ray_head)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Traceback" not in out, out[-4000:]

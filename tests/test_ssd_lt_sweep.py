@@ -15,8 +15,8 @@ from tests.cli import ROOT, smoke_sweep
 
 
 @pytest.mark.ray
-def test_ssd_lt_smoke(tmp_path):
-    out = smoke_sweep("experiments/ssd_lt.py", tmp_path)
+def test_ssd_lt_smoke(tmp_path, ray_head):
+    out = smoke_sweep("experiments/ssd_lt.py", tmp_path, head=ray_head)
     assert "soft_overall" in out and "row=plain_teacher" in out and "row=ssd_finetune" in out
     table = next(tmp_path.glob("reports/*/table.csv")).read_text()
     assert "soft_overall" in table.splitlines()[0]

@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 
 from ray_lt.artifacts import ArtifactStore
-from tests.cli import sweep_cmd
+from tests.cli import HEAD_ENV, sweep_cmd
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "shared_ce.py"
 
 
-def _sweep(workdir: Path, *extra: str, env_extra: dict[str, str] | None = None):
-    env = {**os.environ, "RAY_LT_LOCK_HEARTBEAT_S": "2", "RAY_LT_LOCK_STALE_S": "30"}
+def _sweep(workdir: Path, head: str, *extra: str, env_extra: dict[str, str] | None = None):
+    env = {**os.environ, **HEAD_ENV, "RAY_LT_LOCK_HEARTBEAT_S": "2", "RAY_LT_LOCK_STALE_S": "30"}
     env.update(env_extra or {})
-    cmd = sweep_cmd(FIXTURE, workdir, *extra)
+    cmd = sweep_cmd(FIXTURE, workdir, *extra, head=head)
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     (workdir / f"sweep{len(list(workdir.glob('sweep*.log')))}.log").write_text(
         proc.stdout + proc.stderr
@@ -50,9 +50,9 @@ def _trained(workdir: Path, kind: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def swept(tmp_path_factory, ray_head):
     workdir = tmp_path_factory.mktemp("sweep")
-    proc = _sweep(workdir, env_extra={"RAY_LT_INJECT_FAULT": "ce:2"})
+    proc = _sweep(workdir, ray_head, env_extra={"RAY_LT_INJECT_FAULT": "ce:2"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workdir, proc
 
@@ -118,17 +118,17 @@ def test_report_numbers_equal_mlflow_metrics(swept):
     assert "| configuration |" in proc.stdout
 
 
-def test_resume_reruns_nothing_finished(swept):
+def test_resume_reruns_nothing_finished(swept, ray_head):
     workdir, _ = swept
     before = len(_runs(workdir, "tags.`ray_lt.role` = 'trial' and attributes.status = 'FINISHED'"))
-    proc = _sweep(workdir, "--resume")
+    proc = _sweep(workdir, ray_head, "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = len(_runs(workdir, "tags.`ray_lt.role` = 'trial' and attributes.status = 'FINISHED'"))
     assert after == before  # finished trials were not run again
     assert _trained(workdir, "ce") == 1 and _trained(workdir, "crt") == 1
 
 
-def test_corrupt_artifact_is_quarantined_and_retrained(swept):
+def test_corrupt_artifact_is_quarantined_and_retrained(swept, ray_head):
     workdir, _ = swept
     store = ArtifactStore(workdir / "store")
     crt = next(k for k in store.keys() if k.startswith("crt-"))
@@ -136,7 +136,7 @@ def test_corrupt_artifact_is_quarantined_and_retrained(swept):
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0xFF
     weights.write_bytes(bytes(blob))
-    proc = _sweep(workdir)  # a fresh sweep over the same store
+    proc = _sweep(workdir, ray_head)  # a fresh sweep over the same store
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     quarantined = list((workdir / "store" / "_quarantine").iterdir())
     assert any(p.name.startswith(crt) for p in quarantined)  # kept, never deleted

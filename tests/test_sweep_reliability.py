@@ -24,6 +24,7 @@ from ray_lt.errors import ERROR_KEY, ConfigError
 from ray_lt.experiment import Experiment
 from ray_lt.preflight import call_pipeline
 from ray_lt.searchers import FailureAwareLimiter, SeedRepeater
+from tests.cli import HEAD_ENV
 from tests.cli import sweep_cmd as _sweep_cmd
 from tests.conftest import tiny_ce
 from tests.terminal import run_on_terminal
@@ -103,9 +104,11 @@ def test_a_failed_seed_fails_its_configuration():
 @pytest.mark.ray
 @pytest.mark.parametrize("seeds", ["0", "0,1"])
 @pytest.mark.parametrize("search", ["optuna", "grid", "random"])
-def test_diverged_configuration_fails_its_trials_and_the_sweep_goes_on(tmp_path, search, seeds):
-    env = {"RAY_LT_TEST_SEARCH": search, "RAY_LT_TEST_SEEDS": seeds}
-    proc = _run(_sweep_cmd(DIVERGE, tmp_path), tmp_path, env)
+def test_diverged_configuration_fails_its_trials_and_the_sweep_goes_on(
+    tmp_path, ray_head, search, seeds
+):
+    env = {**HEAD_ENV, "RAY_LT_TEST_SEARCH": search, "RAY_LT_TEST_SEEDS": seeds}
+    proc = _run(_sweep_cmd(DIVERGE, tmp_path, head=ray_head), tmp_path, env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Traceback" not in out and "KeyError" not in out, out[-4000:]
@@ -287,14 +290,9 @@ def test_sigterm_ends_the_sweep_cleanly(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_sweep_beside_another_ray_instance_talks_only_to_its_own(tmp_path):
-    from tests.local_cluster import LocalCluster
-
-    other = LocalCluster(tmp_path, workers=0).start()  # another sweep's Ray, or a `ray start`
-    try:
-        proc = _run(_sweep_cmd(QUICKSTART, tmp_path, "--smoke"), tmp_path)
-    finally:
-        other.stop()
+def test_a_sweep_beside_another_ray_instance_talks_only_to_its_own(tmp_path, ray_head):
+    # ray_head is the other instance: a `ray start` (another sweep's Ray would do the same)
+    proc = _run(_sweep_cmd(QUICKSTART, tmp_path, "--smoke"), tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "another Ray instance runs on this machine" in proc.stdout
