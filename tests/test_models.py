@@ -242,3 +242,18 @@ def test_unknown_kwargs_are_config_errors():
         create_model("resnet32", 10, backbone_kwargs={"weights_path": "x.pt"})
     with pytest.raises(ConfigError, match="scal"):
         create_model("resnet32", 10, head="linear", head_kwargs={"scale": 2.0})
+
+
+def test_the_cifar_path_does_not_import_torchvision():
+    """torchvision pulls in torch._dynamo (about 1.5 s of CPU); the driver, trials and CIFAR
+    workers import these modules but build no torchvision backbone, so they must not pay it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ray_lt.sweep, ray_lt.trial, ray_lt.models, ray_lt.stages\n"
+        "from ray_lt.models import create_model\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
