@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.conftest import cifar_root
@@ -24,7 +28,7 @@ def sweep_cmd(file: str | Path, workdir: Path, *extra: str, head: str | None = N
         "--store",
         str(workdir / "store"),
         "--tracking-uri",
-        f"sqlite:///{workdir / 'mlflow.db'}",
+        tracking_db(workdir),
         *ray_args(head),
         *extra,
     ]
@@ -33,6 +37,32 @@ def sweep_cmd(file: str | Path, workdir: Path, *extra: str, head: str | None = N
 def ray_args(head: str | None) -> list[str]:
     """A sweep's Ray: the head at ``head``, else an in-process one on 2 CPUs."""
     return ["--address", head] if head else ["--num-cpus", "2"]
+
+
+def tracking_db(workdir: Path) -> str:
+    """``sqlite:///WORKDIR/mlflow.db``; a new one starts as a copy of an empty MLflow database.
+
+    MLflow runs every one of its alembic migrations on a new SQLite file, about 2 s of CPU in the
+    sweep that creates it; a copy of the file MLflow left the first time is the same database.
+    What a sweep does with a database that is new, half-made or shared by processes starting
+    together is tested on databases made from nothing (test_tracking_setup.py).
+    """
+    path = workdir / "mlflow.db"
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_database(), path)
+    return f"sqlite:///{path}"
+
+
+@functools.cache
+def _empty_database() -> Path:
+    """A new SQLite MLflow database, made once per test process by MLflow itself."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="ray-lt-empty-mlflow-"))
+    atexit.register(shutil.rmtree, folder, True)
+    MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
 
 
 # The ``ray_head`` fixture's cluster runs without Ray's token authentication; so must its clients.
@@ -45,6 +75,8 @@ def run_cli(
     """``python -m MODULE ROOT/FILE --smoke EXTRA...`` in ``workdir``, a client of the Ray head
     at ``head`` if given; it must exit 0."""
     env = {**os.environ, **(HEAD_ENV if head else {})}
+    if module == "ray_lt.sweep":
+        tracking_db(workdir)  # where the sweep's default tracking URI points
     if cifar_root() is not None:
         env["RAY_LT_DATA"] = str(cifar_root())
     proc = subprocess.run(

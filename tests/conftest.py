@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -89,15 +93,51 @@ def ray_session():
     ray.shutdown()
 
 
+# The shared head's folder: made by the main pytest process (which, with pytest-xdist, starts
+# the workers after pytest_configure, so they inherit it) and removed, head and all, at its end.
+HEAD_DIR_ENV = "RAY_LT_TEST_HEAD_DIR"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the main process, not a pytest-xdist worker
+        os.environ[HEAD_DIR_ENV] = tempfile.mkdtemp(prefix="ray-lt-test-head-")
+
+
+def pytest_unconfigure(config):
+    folder = os.environ.get(HEAD_DIR_ENV)
+    if hasattr(config, "workerinput") or not folder:
+        return
+    from tests.local_cluster import stop_nodes
+
+    record = Path(folder) / "head.json"
+    if record.exists():
+        head = json.loads(record.read_text())
+        stop_nodes(head["pids"], head["temp_dir"])
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """The address of one Ray head (2 CPUs) that the session's CLI sweeps join with ``--address``
-    when their subject is not the sweep's own in-process Ray: each then skips starting and
-    stopping a Ray (about 5 s and as many CPU seconds). Started at its first use."""
+def ray_head():
+    """The address of one Ray head that the session's CLI sweeps join with ``--address`` when
+    their subject is not the sweep's own in-process Ray: each then skips starting and stopping a
+    Ray (about 12 CPU seconds). The first test that asks starts it; all pytest-xdist workers share
+    it, with 2 CPUs for each: an idle Ray head costs about 0.1 CPU seconds a second, a second
+    one for the session's 20 minutes would cost two minutes of CPU. The main pytest process stops
+    it at the end (pytest_unconfigure)."""
     from tests.local_cluster import LocalCluster
 
-    head = LocalCluster(tmp_path_factory.mktemp("ray-head"), workers=0, head_cpus=2)
-    try:
-        yield head.start().address
-    finally:
-        head.stop()
+    folder = Path(os.environ[HEAD_DIR_ENV])
+    with open(folder / "head.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker starts it, the others wait and join
+        record = folder / "head.json"
+        if not record.exists():
+            cpus = 2 * int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+            head = LocalCluster(folder / "logs", workers=0, head_cpus=cpus)
+            (folder / "logs").mkdir(exist_ok=True)
+            try:
+                head.start()
+            except BaseException:
+                head.stop()
+                raise
+            record.write_text(json.dumps(head.record()))
+        return json.loads(record.read_text())["address"]

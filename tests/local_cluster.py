@@ -155,22 +155,18 @@ class LocalCluster:
 
     def stop(self) -> None:
         """SIGTERM every node at once, then SIGKILL whatever of their trees is left."""
-        procs = [p for p in self.nodes.values() if p.poll() is None]
-        trees = [psutil.Process(p.pid).children(recursive=True) for p in procs]
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for p in [p for tree in trees for p in tree]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        stop_nodes([p.pid for p in self.nodes.values() if p.poll() is None], self.temp_dir)
+        for proc in self.nodes.values():
+            proc.poll()  # reap what stop_nodes ended
         self.nodes.clear()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def record(self) -> dict:
+        """What another process needs to join this cluster and, at the end, to stop it."""
+        return {
+            "address": self.address,
+            "pids": [p.pid for p in self.nodes.values()],
+            "temp_dir": self.temp_dir,
+        }
 
     def _wait(self, ready, what: str, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -182,3 +178,25 @@ class LocalCluster:
                 raise RuntimeError(f"ray node {dead} exited; see {self.logdir}")
             time.sleep(1)
         raise RuntimeError(f"{what} did not come up in {timeout_s:.0f} s; see {self.logdir}")
+
+
+def stop_nodes(pids: list[int], temp_dir: str) -> None:
+    """SIGTERM the ``ray start --block`` processes ``pids`` at once, wait for them (15 s), then
+    SIGKILL whatever of their process trees is left; remove the cluster's session folder. Works
+    from any process, not only the one that started the nodes."""
+    procs, trees = [], []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            trees.extend(proc.children(recursive=True))
+            proc.send_signal(signal.SIGTERM)
+            procs.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive + trees:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)

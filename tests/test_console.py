@@ -75,14 +75,7 @@ def test_quickstart_console_is_a_line_per_stage_and_the_summary(tmp_path):
     assert "Downloading artifacts" not in report.stderr, report.stderr[-2000:]
     for name in ("table.md", "table.tex", "table.csv", "per_class.png", "index.html"):
         assert list(tmp_path.glob(f"reports/*/{name}")), name
-    # --verbose brings Ray's worker output back: the same sweep again (its stages now come from
-    # the store, so it is quick), each trial's lines under Ray's "(name pid=N)" prefix
-    again = _sweep(tmp_path, "--verbose")
-    out = again.stdout + again.stderr
-    assert again.returncode == 0, out[-4000:]
-    assert "goes to" not in again.stdout  # nothing routed to a file
-    assert re.search(r"\(run_trial pid=\d+\)\S* \[ray-lt\] ", out), out[-4000:]
-    assert len(out.splitlines()) > len(lines), out[-4000:]
+    # --verbose: test_sweep_reliability.py::test_verbose_keeps_rays_worker_output_on_the_console
 
 
 def test_worker_lines_go_to_the_file_and_progress_to_the_console(tmp_path, capsys):

@@ -11,6 +11,7 @@ All on a real local Ray, a real SQLite MLflow store and a real artifact store.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -101,9 +102,13 @@ def test_a_failed_seed_fails_its_configuration():
     assert trials[1].value == pytest.approx(0.375)  # the mean over the seeds
 
 
+# Optuna takes one path with one seed (ASHA on) and another with several (each configuration
+# repeated per seed, ASHA off). Grid and random search share one path, the seeds being a grid
+# dimension for both: each runs with one seed count, the two together cover both.
 @pytest.mark.ray
-@pytest.mark.parametrize("seeds", ["0", "0,1"])
-@pytest.mark.parametrize("search", ["optuna", "grid", "random"])
+@pytest.mark.parametrize(
+    "search, seeds", [("optuna", "0"), ("optuna", "0,1"), ("grid", "0,1"), ("random", "0")]
+)
 def test_diverged_configuration_fails_its_trials_and_the_sweep_goes_on(
     tmp_path, ray_head, search, seeds
 ):
@@ -289,12 +294,31 @@ def test_sigterm_ends_the_sweep_cleanly(tmp_path):
 # --- two Ray instances on one machine ----------------------------------------------------------
 
 
-@pytest.mark.ray
-def test_a_sweep_beside_another_ray_instance_talks_only_to_its_own(tmp_path, ray_head):
-    # ray_head is the other instance: a `ray start` (another sweep's Ray would do the same)
-    proc = _run(_sweep_cmd(QUICKSTART, tmp_path, "--smoke"), tmp_path)
+@pytest.fixture(scope="module")
+def beside(tmp_path_factory, ray_head):
+    """The quickstart smoke sweep with ``--verbose``, in a Ray of its own beside ``ray_head`` (the
+    other instance: a `ray start`, as another sweep's Ray would be). One sweep serves both tests
+    below: a verbose console shows everything Ray prints, so it is also where a word of Ray's
+    about the other instance would show."""
+    workdir = tmp_path_factory.mktemp("beside")
+    proc = _run(_sweep_cmd(QUICKSTART, workdir, "--smoke", "--verbose"), workdir)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "another Ray instance runs on this machine" in proc.stdout
+    return proc
+
+
+@pytest.mark.ray
+def test_a_sweep_beside_another_ray_instance_talks_only_to_its_own(beside):
+    out = beside.stdout + beside.stderr
+    assert "another Ray instance runs on this machine" in beside.stdout
     assert "Found multiple active Ray instances" not in out, out[-4000:]
     assert "Traceback" not in out, out[-4000:]
+
+
+@pytest.mark.ray
+def test_verbose_keeps_rays_worker_output_on_the_console(beside):
+    out = beside.stdout + beside.stderr
+    assert "goes to" not in beside.stdout  # nothing routed to a file
+    # each trial's lines and its stage workers' under Ray's "(name pid=N)" prefix
+    assert re.search(r"\(run_trial pid=\d+\)\S* \[ray-lt\] ", out), out[-4000:]
+    assert re.search(r"\(RayTrainWorker pid=\d+\)", out), out[-4000:]
