@@ -55,6 +55,11 @@ def test_quickstart_console_is_a_line_per_stage_and_the_summary(tmp_path):
     assert log and Path(log.group(1)).is_relative_to(tmp_path / "store" / "_tune"), out
     text = Path(log.group(1)).read_text()
     assert "RayTrainWorker pid=" in text and "PreemptionWatcher" in text  # kept, not lost
+    assert "RayTrainWorker" not in out and "Checkpoint successfully" not in out
+    # every stage trains in a worker group here: its workers' epoch lines (which the terminal's
+    # live view shows, test_live_view.py, on inline stages) reach the file
+    assert re.search(r"\| stage 2/2 crt \| epoch 1/1 \| \d+ img/s \| ", text), text[-3000:]
+    assert re.search(r"\| stage 1/2 ce \| epoch 2/2 \| \d+ img/s \| ", text), text[-3000:]
     # two trials share seed 0's CE: the store trains it once, the other trial reuses it
     ce = [ln for ln in lines if "| stage 1/2 ce |" in ln]
     assert sum("| trained in " in ln for ln in ce) == 1, out

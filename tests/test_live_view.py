@@ -122,7 +122,10 @@ def test_without_a_view_epoch_lines_go_to_the_log_file_only(tmp_path, capsys):
 
 
 def _sweep_cmd(workdir: Path, *extra: str) -> list[str]:
-    return sweep_cmd(QUICKSTART, workdir, "--smoke", *extra)
+    """The quickstart smoke sweep, its stages inline: the view shows the epoch lines a trial
+    prints itself; those of a worker group's workers are test_console.py's (a worker group's
+    start-up would double this sweep's CPU time)."""
+    return sweep_cmd(QUICKSTART, workdir, "--smoke", "--num-workers", "0", *extra)
 
 
 @pytest.mark.ray
@@ -140,7 +143,6 @@ def test_on_a_terminal_the_sweep_is_one_live_view_then_the_summary(tmp_path):
     assert "\nsweep 'quickstart-smoke': 2 trials" in screen
     # nothing of Tune's or Ray's on the terminal, and no line at error level
     assert "Configuration for experiment" not in screen and "Trial status" not in screen
-    assert "RayTrainWorker" not in screen and "Checkpoint successfully" not in screen
     lines = screen.splitlines() + run.stderr.splitlines()
     assert not [ln for ln in lines if " E " in ln or "ERROR" in ln], screen[-3000:]
     assert run.stderr.strip() == "", run.stderr[-2000:]
