@@ -83,12 +83,13 @@ def _ray_auth_mode_kept():
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    """One in-process Ray for a module's tests (2 CPUs; the dashboard serves the state API that
-    Ray Train's clean-up asks)."""
+def ray_session(ray_head):
+    """This process as a Ray driver for a module's tests, on the session's Ray head (``ray_head``:
+    at least 4 CPUs, and the dashboard that serves the state API Ray Train's clean-up asks)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head runs; _ray_auth_mode_kept undoes it
+    ray.init(address=ray_head, logging_level="ERROR")
     yield
     ray.shutdown()
 
@@ -119,11 +120,12 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def ray_head():
     """The address of one Ray head that the session's CLI sweeps join with ``--address`` when
-    their subject is not the sweep's own in-process Ray: each then skips starting and stopping a
-    Ray (about 12 CPU seconds). The first test that asks starts it; all pytest-xdist workers share
-    it, with 2 CPUs for each: an idle Ray head costs about 0.1 CPU seconds a second, a second
-    one for the session's 20 minutes would cost two minutes of CPU. The main pytest process stops
-    it at the end (pytest_unconfigure)."""
+    their subject is not the sweep's own in-process Ray, and that ``ray_session`` drives: each
+    then skips starting and stopping a Ray (about 12 CPU seconds). The first test that asks
+    starts it, with 2 CPUs for each pytest-xdist worker and 4 at least (a streamed stage's Ray
+    Data tasks run beside it). All workers share it: an idle Ray head costs about 0.1 CPU seconds
+    a second, a second head over the session's 20 minutes would cost two minutes of CPU. The main
+    pytest process stops it at the end (pytest_unconfigure)."""
     from tests.local_cluster import LocalCluster
 
     folder = Path(os.environ[HEAD_DIR_ENV])
@@ -131,7 +133,7 @@ def ray_head():
         fcntl.flock(lock, fcntl.LOCK_EX)  # one worker starts it, the others wait and join
         record = folder / "head.json"
         if not record.exists():
-            cpus = 2 * int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+            cpus = 2 * max(2, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
             head = LocalCluster(folder / "logs", workers=0, head_cpus=cpus)
             (folder / "logs").mkdir(exist_ok=True)
             try:

@@ -30,16 +30,6 @@ def tree(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    # 3 logical CPUs: an inline stage's 1, and Ray Data decode tasks beside it
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def test_placement_is_automatic_by_size_and_can_be_forced():
     imagenet_lt = 115_846 + 20_000 + 50_000
     assert pixel_bytes(imagenet_lt, 224) > DEVICE_BYTES_LIMIT

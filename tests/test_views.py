@@ -368,15 +368,6 @@ def test_photometric_part_keeps_the_geometry():
 # --- through Ray Data --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_a_streamed_ssd_feature_stage_gets_its_decoded_key_view(ray_session, tmp_path):
     make_tree(tmp_path, "imagenet_lt", **TREE)
