@@ -69,17 +69,29 @@ requires_cifar = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _ray_auth_mode_kept():
-    """Undo what an in-process ``ray.init`` does to this process's environment at the end of each
-    module: it sets ``RAY_AUTH_MODE=token`` for itself and its children, and every later
-    subprocess of this pytest process (a ``ray start`` with a home of its own, which has no token)
-    would inherit it; which modules ran before would then decide what a test sees."""
+def _no_in_process_ray_left_behind():
+    """Fail the module that called ``ray.init`` for a Ray of its own in the pytest process.
+
+    Such a Ray turns on Ray's token authentication for the whole process (``RAY_AUTH_MODE=token``
+    in its environment, and state no ``ray.shutdown`` undoes): afterwards no driver in that
+    process can create an actor on the session's Ray head, which runs without it, and every
+    subprocess inherits the variable. Which tests then failed would depend on which module ran
+    before on the same pytest-xdist worker. Start such a Ray in a subprocess instead
+    (test_security_and_tracking.py does), or drive the shared head (``ray_session``).
+    """
     before = os.environ.get("RAY_AUTH_MODE")
     yield
-    if before is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = before
+    after = os.environ.get("RAY_AUTH_MODE")
+    if after != before:
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
+        if after == "token":
+            pytest.fail(
+                "this module started a Ray of its own in the pytest process (RAY_AUTH_MODE became "
+                "'token'); start it in a subprocess or use the ray_session fixture"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +100,7 @@ def ray_session(ray_head):
     at least 4 CPUs, and the dashboard that serves the state API Ray Train's clean-up asks)."""
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head runs; _ray_auth_mode_kept undoes it
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head runs; undone at the module's end
     ray.init(address=ray_head, logging_level="ERROR")
     yield
     ray.shutdown()

@@ -7,6 +7,7 @@ real sweep CLI against a tracking server that is not there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -57,24 +58,34 @@ def test_tracking_server_binds_to_loopback_by_default(tmp_path):
     assert server.process.poll() is not None  # stopped, with its worker processes
 
 
+# The sweep's in-process Ray, started as ``ray_lt.sweep`` starts it; prints its dashboard's host
+# and the addresses that listen on its port.
+BIND_CHECK = """
+import json, psutil, ray
+from ray_lt.sweep import _ray_init_kwargs
+context = ray.init(num_cpus=1, **_ray_init_kwargs(None))
+host, port = context.dashboard_url.rsplit(":", 1)
+bound = {
+    c.laddr.ip
+    for c in psutil.net_connections(kind="tcp")
+    if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)
+}
+print(json.dumps({"url": context.dashboard_url, "host": host, "bound": sorted(bound)}))
+ray.shutdown()
+"""
+
+
 @pytest.mark.ray
 def test_in_process_ray_dashboard_binds_to_loopback():
-    import ray
-
-    from ray_lt.sweep import _ray_init_kwargs
-
-    context = ray.init(num_cpus=1, **_ray_init_kwargs(None))
-    try:
-        host, port = context.dashboard_url.rsplit(":", 1)
-        assert host == "127.0.0.1", context.dashboard_url
-        bound = {
-            c.laddr.ip
-            for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)
-        }
-        assert bound == {"127.0.0.1"}, bound
-    finally:
-        ray.shutdown()
+    # in a process of its own: an in-process Ray leaves its process in Ray's token mode, and no
+    # later driver there could use the session's Ray head (tests/conftest.py)
+    proc = subprocess.run(
+        [sys.executable, "-c", BIND_CHECK], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["host"] == "127.0.0.1", seen["url"]
+    assert seen["bound"] == ["127.0.0.1"], seen
 
 
 def test_crafted_stage_checkpoint_is_refused_and_never_runs(tmp_path):
