@@ -338,6 +338,16 @@ class ArtifactStore:
         self.storefs.makedirs(self.storefs.path(TRAIN_DIR))
         return self.storefs.child_uri(TRAIN_DIR)
 
+    def drop_train_state(self, name: str) -> None:
+        """Delete ``_train/<name>``, the resume state of a run whose stages are all published.
+
+        Nothing resumes from it any more (a rerun reuses the published stages), it holds a model
+        and its optimizer state (hundreds of MB for a ResNet-152), and a stage retrained after
+        its artifact was removed or quarantined must start from scratch, not from the last
+        epoch of the run that made the lost artifact.
+        """
+        self.storefs.remove_tree(self.storefs.path(TRAIN_DIR, name))
+
 
 @dataclass(frozen=True)
 class Artifact:

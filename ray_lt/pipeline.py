@@ -230,7 +230,8 @@ def _in_trial(spec: StageSpec) -> bool:
 def train_stage_in_process(
     spec: StageSpec, store: ArtifactStore, ctx: TrialContext, *, report_to_tune: bool = False
 ) -> None:
-    """The same engine and objective in this process (no Ray): checkpoints under _train/<key>.
+    """The same engine and objective in this process (no Ray): checkpoints under _train/<key>,
+    removed once the stage is published.
 
     Used for ``TrialContext.in_process`` (benchmarks, debugging), for ``in_trial`` objectives
     (CBE's calibration), which are cheap and CPU-only by contract, and for stages with
@@ -254,7 +255,8 @@ def train_stage_in_process(
         out_dir=out_dir,
     )
     device = ctx.in_process or "cpu"  # in_trial stages: cheap by contract, no GPU needed
-    session: Any = LocalSession(device, checkpoint_dir=os.path.join(train_dir, spec.key))
+    checkpoint_dir = os.path.join(train_dir, spec.key)
+    session: Any = LocalSession(device, checkpoint_dir=checkpoint_dir)
     if report_to_tune:
         session = TuneReportingSession(session, spec.train.epochs)
     echo = getattr(ctx.mirror, "epoch_echo", None)
@@ -264,6 +266,7 @@ def train_stage_in_process(
         summary = run_stage(run, session)
         raise_if_nonfinite(spec, summary)
         store.put(spec.key, out_dir)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # published: the resume state is dead
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 

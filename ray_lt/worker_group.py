@@ -10,7 +10,8 @@ Fault tolerance is Ray Train's, per epoch: every checkpoint names its stage
 (``engine.sessions.STAGE_FILE``), so after a worker is restarted the loop resumes the stage the
 checkpoint belongs to at its epoch, and skips the stages already in the store. The fit's storage
 name is the batch's last stage's key, so a retried trial (a lost node, a killed driver and
-``--resume``) whose batch ends at the same stage resumes from the same checkpoints.
+``--resume``) whose batch ends at the same stage resumes from the same checkpoints. Once the fit
+has published every stage, its checkpoints are deleted (``ArtifactStore.drop_train_state``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def train_batch(
     by_key = {s.key: s for s in batch}
     for summary in summaries:
         raise_if_nonfinite(by_key[summary["key"]], summary)
+    store.drop_train_state(batch[-1].key)  # every stage of the batch is in the store now
     return summaries
 
 

@@ -13,18 +13,35 @@ from ray_lt.spec import Resources, with_resources
 from tests.conftest import tiny_ce, tiny_crt
 
 
+def fits_of(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The stage keys of every ``TorchTrainer`` fit made from now on, one list per fit: the
+    real ``worker_group.train_batch``, seen on its way in."""
+    import ray_lt.worker_group
+
+    fits: list[list[str]] = []
+    real = ray_lt.worker_group.train_batch
+
+    def seen(batch, *args, **kwargs):
+        fits.append([s.key for s in batch])
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(ray_lt.worker_group, "train_batch", seen)
+    return fits
+
+
 @pytest.mark.ray
-def test_ddp_stages_train_in_one_worker_group_then_reuse(ray_session, tmp_path):
+def test_ddp_stages_train_in_one_worker_group_then_reuse(ray_session, tmp_path, monkeypatch):
     two = Resources(num_workers=2, cpus_per_worker=1)
     crt = with_resources(tiny_crt(tiny_ce(epochs=2)), two, only_default=False)
     ce = crt.inputs[0][1]
     store = ArtifactStore(tmp_path / "store")
     ctx = TrialContext(store_uri=str(tmp_path / "store"))
+    fits = fits_of(monkeypatch)
     first = run_pipeline(crt, ctx)
     assert [o.reused for o in first] == [False, False]
-    # one TorchTrainer fit trained both stages: one Ray Train run, named by the batch's last key
-    runs = sorted(p.name for p in Path(store.train_dir()).iterdir() if not p.name.startswith("_"))
-    assert runs == [crt.key], runs
+    assert fits == [[ce.key, crt.key]]  # one TorchTrainer fit trained both stages
+    # both are published: the fit's checkpoints (its resume state) are gone
+    assert not [p.name for p in Path(store.train_dir()).iterdir() if not p.name.startswith("_")]
     metrics = first[0].artifact.metrics()
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     # two ranks each see half of every epoch: the reported throughput counts both
