@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from tests.conftest import cifar_root
+from tests.local_cluster import ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +67,7 @@ def _empty_database() -> Path:
 
 
 # The ``ray_head`` fixture's cluster runs without Ray's token authentication; so must its clients.
-HEAD_ENV = {"RAY_AUTH_MODE": "disabled"}
+HEAD_ENV = {"RAY_AUTH_MODE": ENV["RAY_AUTH_MODE"]}
 
 
 def run_cli(

@@ -100,7 +100,9 @@ def ray_session(ray_head):
     at least 4 CPUs, and the dashboard that serves the state API Ray Train's clean-up asks)."""
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the head runs; undone at the module's end
+    from tests.local_cluster import ENV
+
+    os.environ["RAY_AUTH_MODE"] = ENV["RAY_AUTH_MODE"]  # as the head runs; undone at module end
     ray.init(address=ray_head, logging_level="ERROR")
     yield
     ray.shutdown()

@@ -145,12 +145,7 @@ class LocalCluster:
     def kill_node(self, name: str) -> None:
         """SIGKILL a node's whole process tree, as a lost machine."""
         proc = self.nodes.pop(name)
-        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
+        _kill(_tree(psutil.Process(proc.pid)) + [psutil.Process(proc.pid)])
         proc.wait(timeout=30)
 
     def stop(self) -> None:
@@ -188,15 +183,29 @@ def stop_nodes(pids: list[int], temp_dir: str) -> None:
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            trees.extend(proc.children(recursive=True))
+            trees.extend(_tree(proc))
             proc.send_signal(signal.SIGTERM)
             procs.append(proc)
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive + trees:
+    _kill(alive + trees)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    """Every descendant of ``proc`` (a node's raylet, object store, workers), read before it is
+    signalled: once it is gone, its children are re-parented and no longer found from it."""
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    """SIGKILL each of ``procs`` that is still there."""
+    for p in procs:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    shutil.rmtree(temp_dir, ignore_errors=True)

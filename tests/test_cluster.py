@@ -23,7 +23,7 @@ import pytest
 
 from ray_lt.artifacts import ArtifactStore
 from ray_lt.tracking_server import TrackingServer
-from tests.local_cluster import LocalCluster
+from tests.local_cluster import ENV, LocalCluster
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def _env(sweep: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "CLUSTER_SWEEP": sweep,
-        "RAY_AUTH_MODE": "disabled",
+        "RAY_AUTH_MODE": ENV["RAY_AUTH_MODE"],
         "RAY_LT_LOCK_HEARTBEAT_S": "2",
         "RAY_LT_LOCK_STALE_S": "12",
         **extra,
